@@ -1,0 +1,5 @@
+import sys
+
+from sftune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,100 @@
+"""`sftune <command>`: parse the command line, then call one function. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from sftune import config as cfg
+from sftune.errors import ConfigError, UserError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises our one-line error instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, grouped as in the schema; only flags actually given reach the config."""
+    groups = {name: parser.add_argument_group(f"{name} options") for name in cfg.GROUPS}
+    for group, name, default, label, help_text in cfg.field_help():
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if cfg.field_is_bool(name) else {}
+        shown = "unset" if default is None else default
+        groups[group].add_argument(
+            *flags, dest=name, default=argparse.SUPPRESS, metavar=label,
+            help=f"{help_text} (default: {shown})".replace("%", "%%"), **extra,
+        )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sftune", description="Supervised fine-tuning of language models.", allow_abbrev=False)
+    parser.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    train = commands.add_parser(
+        "train", help="Fine-tune a model.", allow_abbrev=False, usage="sftune train [CONFIG] [--KEY VALUE ...]",
+        description="Fine-tune a model. Settings come from defaults, then CONFIG (YAML), then flags.",
+    )
+    train.add_argument("config", nargs="?", help="YAML file with settings; flags override it.")
+    train.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
+    _add_config_flags(train)
+
+    demo = commands.add_parser(
+        "demo", help="Teach SmolLM2-135M-Instruct a new identity (downloads it once, ~100 MB).", allow_abbrev=False,
+        usage="sftune demo [--KEY VALUE ...]",
+        description="Fine-tune SmolLM2-135M-Instruct on a small identity dataset shipped with sftune, "
+        "and show its answer to 'Who are you?' before and after. Flags override the demo's settings.",
+    )
+    demo.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
+    _add_config_flags(demo)
+    return parser
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    parser = _build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        first = extras[0]
+        if first.startswith("--"):
+            raise ConfigError(cfg.unknown_key_message(first[2:].split("=", 1)[0].replace("-", "_")))
+        raise ConfigError(f"unexpected argument '{first}' (see `sftune {args.command or ''} --help`)")
+    if args.command is None:
+        parser.print_help()
+        raise SystemExit(EXIT_USER_ERROR)
+    reserved = {"command", "config", "debug"}
+    overrides = {k: v for k, v in vars(args).items() if k not in reserved}
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args, overrides = _parse(argv)
+        if args.command == "train":
+            from sftune.run import train
+
+            train(cfg.load_config(args.config, overrides))
+        elif args.command == "demo":
+            from sftune.demo import run_demo
+
+            run_demo(overrides)
+        return 0
+    except UserError as err:
+        if debug:
+            raise
+        print(f"sftune: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("sftune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

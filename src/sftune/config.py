@@ -1,0 +1,329 @@
+"""One schema for every setting: defaults, meaning, validation, and the three ways in (Python, YAML, CLI flags).
+
+Field names follow TRL's SFTConfig / ModelConfig / ScriptArguments where the meaning is the same, so a TRL
+user's YAML mostly runs as-is. This module is the ground floor: it imports nothing else from sftune but errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sftune.errors import ConfigError
+
+CONFIG_FILENAME = "sftune_config.yaml"
+
+# Names other tools use for one of our fields; accepted and mapped, so old YAML files keep working.
+ALIASES = {
+    "max_seq_length": "max_length",  # TRL before 0.20
+    "torch_dtype": "dtype",  # transformers before 5
+}
+
+# Keys a TRL / transformers user may bring that sftune does not take, with what to do instead.
+NOT_SUPPORTED = {
+    "bf16": "sftune trains in the dtype the model is loaded in: set `dtype: bfloat16` instead",
+    "fp16": "sftune trains in the dtype the model is loaded in: set `dtype: float16` instead",
+    "tf32": "not configurable in sftune; remove it",
+}
+
+
+def _opt(default: Any, help: str, group: str) -> Any:
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+GROUPS = ("model", "data", "training", "output")
+
+
+@dataclass
+class SFTConfig:
+    """Everything that defines a run. Build it in Python, from a YAML file, or from CLI flags: the same schema."""
+
+    # ---- model
+    model_name_or_path: str | None = _opt(None, "Local folder or Hugging Face Hub id of the pretrained model.", "model")
+    model_revision: str = _opt("main", "Hub revision (branch, tag or commit) of the model.", "model")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+        "auto", "Dtype the weights are loaded and trained in; 'auto' keeps the checkpoint's own dtype.", "model"
+    )
+    attn_implementation: str | None = _opt(
+        None, "Attention kernel: 'sdpa', 'eager', 'flash_attention_2', ... (unset: transformers' default).", "model"
+    )
+    trust_remote_code: bool = _opt(
+        False, "Allow running Python code shipped inside the model repository. Only for models you trust.", "model"
+    )
+
+    # ---- data
+    dataset_name: str | None = _opt(
+        None,
+        "Training data: a Hub dataset id, a local .json/.jsonl/.parquet/.csv/.arrow file, or a folder of them.",
+        "data",
+    )
+    dataset_config: str | None = _opt(None, "Hub dataset configuration (subset) name.", "data")
+    dataset_train_split: str = _opt("train", "Split of the dataset to train on.", "data")
+    dataset_text_field: str = _opt("text", "Column holding plain text, for text datasets.", "data")
+    max_length: int | None = _opt(
+        1024, "Longest sequence in tokens; longer rows are truncated (unset: no limit).", "data"
+    )
+
+    # ---- training
+    learning_rate: float = _opt(2e-5, "Peak learning rate of AdamW.", "training")
+    per_device_train_batch_size: int = _opt(8, "Rows per micro-batch on each device.", "training")
+    gradient_accumulation_steps: int = _opt(
+        1, "Micro-batches per optimizer step; the loss is normalised by the trained tokens of the whole step.",
+        "training",
+    )
+    num_train_epochs: float = _opt(3.0, "Passes over the training data (fractions allowed).", "training")
+    max_steps: int = _opt(-1, "Optimizer steps to run; overrides num_train_epochs when positive.", "training")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _opt(
+        "linear", "Learning-rate schedule after warm-up.", "training"
+    )
+    warmup_ratio: float = _opt(0.0, "Fraction of the optimizer steps spent warming the learning rate up.", "training")
+    warmup_steps: int = _opt(0, "Warm-up length in optimizer steps (instead of warmup_ratio).", "training")
+    weight_decay: float = _opt(0.0, "AdamW decoupled weight decay (never applied to biases and norms).", "training")
+    adam_beta1: float = _opt(0.9, "AdamW beta1.", "training")
+    adam_beta2: float = _opt(0.999, "AdamW beta2.", "training")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon.", "training")
+    max_grad_norm: float = _opt(1.0, "Clip the gradient's global L2 norm to this value (0: no clipping).", "training")
+    seed: int = _opt(42, "Random seed for initialisation, shuffling and dropout.", "training")
+
+    # ---- output
+    output_dir: str = _opt("trainer_output", "Folder for the trained model, metrics and the resolved config.", "output")
+    overwrite_output_dir: bool = _opt(
+        False, "Allow writing into an output_dir that already holds files (they may be replaced).", "output"
+    )
+    logging_steps: int = _opt(10, "Write a line to metrics.jsonl every this many optimizer steps.", "output")
+
+    def __post_init__(self) -> None:
+        hints = _type_hints()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        def need(ok: bool, key: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"config key '{key}' = {getattr(self, key)!r}: {rule}")
+
+        need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1")
+        need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
+        need(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "must be >= 1, or -1 to use num_train_epochs")
+        need(self.max_steps != -1 or self.num_train_epochs > 0, "num_train_epochs", "must be > 0 when max_steps is -1")
+        need(math.isfinite(self.num_train_epochs), "num_train_epochs", "must be a finite number")
+        need(self.max_length is None or self.max_length >= 2, "max_length", "must be >= 2, or unset for no limit")
+        need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(0.0 <= self.adam_beta1 < 1.0, "adam_beta1", "must be in [0, 1)")
+        need(0.0 <= self.adam_beta2 < 1.0, "adam_beta2", "must be in [0, 1)")
+        need(self.adam_epsilon > 0, "adam_epsilon", "must be > 0")
+        need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+        need(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        need(self.seed >= 0, "seed", "must be >= 0")
+        need(bool(self.output_dir), "output_dir", "must be a folder path")
+        if self.warmup_ratio > 0 and self.warmup_steps > 0:
+            raise ConfigError(
+                f"config keys 'warmup_ratio' ({self.warmup_ratio}) and 'warmup_steps' ({self.warmup_steps}) "
+                "are both set: keep one of them"
+            )
+
+    def check_ready_to_train(self) -> None:
+        """The keys a training run cannot do without; checked at train time, so a partial config can be built."""
+        for key in ("model_name_or_path", "dataset_name"):
+            if getattr(self, key) is None:
+                raise ConfigError(f"missing required key '{key}': set it in the YAML file or with --{key}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> SFTConfig:
+        """Build from a plain mapping (parsed YAML, CLI flags); unknown keys get a did-you-mean error."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: expected a mapping of key: value, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        resolved: dict[str, Any] = {}
+        for key, value in values.items():
+            name = ALIASES.get(key, key)
+            if name not in known:
+                raise ConfigError(f"{where}: {unknown_key_message(str(key))}")
+            if name in resolved:
+                raise ConfigError(f"{where}: key '{name}' is given twice (once as '{key}')")
+            resolved[name] = value
+        return cls(**resolved)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML that `sftune train <path>` runs again, atomically."""
+        path = Path(path)
+        text = "# sftune resolved config: `sftune train " + path.name + "` repeats this run\n"
+        text += yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+
+
+def unknown_key_message(key: str) -> str:
+    if key in NOT_SUPPORTED:
+        return f"key '{key}' is not supported: {NOT_SUPPORTED[key]}"
+    names = [f.name for f in dataclasses.fields(SFTConfig)] + list(ALIASES)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    hint = f" (did you mean '{ALIASES.get(close[0], close[0])}'?)" if close else " (see `sftune train --help`)"
+    return f"unknown key '{key}'{hint}"
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> SFTConfig:
+    """Defaults, then the YAML file at `path`, then `overrides` (CLI flags): the resolved config."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = read_yaml(Path(path))
+    where = str(path) if path is not None else "config"
+    for key, value in (overrides or {}).items():
+        name = ALIASES.get(key, key)
+        # A flag replaces the file's value even when the file spelled the key by an alias.
+        for alias, target in ALIASES.items():
+            if target == name:
+                values.pop(alias, None)
+        values[name] = value
+    return SFTConfig.from_dict(values, where=where)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------- types: one coercion for YAML, CLI and Python
+
+_HINTS: dict[str, Any] = {}
+
+
+def _type_hints() -> dict[str, Any]:
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(SFTConfig))
+    return _HINTS
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Turn a value from YAML (typed) or a CLI flag (text) into the field's type, or say clearly why not."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)])
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint_text = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"config key '{key}' = {value!r}: expected one of {', '.join(map(str, args))}{hint_text}"
+        )
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"config key '{key}' = {value!r}: expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                try:
+                    number = float(value)
+                    if number.is_integer():
+                        return int(number)
+                except ValueError:
+                    pass
+        raise ConfigError(f"config key '{key}' = {value!r}: expected a whole number")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML reads `1e-4` (no dot) as text, so numbers arrive as strings from files too
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' = {value!r}: expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' = {value!r}: expected text")
+    if origin is list:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a list")
+        return [_coerce(f"{key}[{i}]", item, args[0]) for i, item in enumerate(value)] if args else value
+    if origin is dict or hint is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(f"config key '{key}': expected a mapping (JSON on the command line)") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a mapping")
+        return value
+    raise TypeError(f"no coercion for field {key} of type {hint}")  # a schema bug, not a user error
+
+
+def field_help() -> list[tuple[str, str, Any, str, str]]:
+    """(group, name, default, type label, help) for every field, in schema order: what `--help` prints."""
+    hints = _type_hints()
+    rows = []
+    for f in dataclasses.fields(SFTConfig):
+        rows.append((f.metadata["group"], f.name, f.default, _type_label(hints[f.name]), f.metadata["help"]))
+    return rows
+
+
+def _type_label(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return _type_label(inner[0]) if len(inner) == 1 else "VALUE"
+    if hint is bool:
+        return "BOOL"
+    if hint is int:
+        return "INT"
+    if hint is float:
+        return "FLOAT"
+    if origin is list:
+        return "LIST"
+    if origin is dict:
+        return "JSON"
+    return "TEXT"
+
+
+def field_is_bool(name: str) -> bool:
+    return _type_hints()[name] is bool

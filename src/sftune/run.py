@@ -1,0 +1,101 @@
+"""train(config): the one way through. Config -> tokenizer and model -> prepared data -> loop -> saved model."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftune.config import CONFIG_FILENAME, SFTConfig
+from sftune.errors import UserError
+
+log = logging.getLogger("sftune")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    history: list[dict[str, Any]]  # one entry per logging step, as in metrics.jsonl
+    global_step: int
+    data_stats: dict[str, Any]
+    train_seconds: float
+    model: Any = field(repr=False, default=None)
+    tokenizer: Any = field(repr=False, default=None)
+
+
+def setup_logging() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own log says what is loading and saving; one progress bar is enough
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[sftune] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def claim_output_dir(config: SFTConfig) -> Path:
+    """Make sure this run may write into output_dir: never silently over another run's files."""
+    out = Path(config.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir '{out}' is a file, not a folder: choose another output_dir")
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite_output_dir:
+        raise UserError(
+            f"output_dir '{out}' already holds files (another run?): choose another output_dir, "
+            "or set overwrite_output_dir: true to write over them"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a previous run's metrics would mix with ours
+    except OSError as err:
+        raise UserError(f"cannot write to output_dir '{out}': {err.strerror}") from None
+    config.save(out / CONFIG_FILENAME)
+    return out
+
+
+def train(config: SFTConfig) -> TrainResult:
+    config.check_ready_to_train()
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from sftune.data.prepare import prepare_train_data
+    from sftune.export.save import save_model
+    from sftune.model.load import load_model, load_tokenizer
+    from sftune.train.loop import Trainer
+
+    setup_logging()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    output_dir = Path(config.output_dir).expanduser()
+    if accelerator.is_main_process:
+        output_dir = claim_output_dir(config)
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
+
+    tokenizer = load_tokenizer(config)
+    data = prepare_train_data(config, tokenizer)
+    model = load_model(config)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+
+    trainer = Trainer(model, data.rows, config, accelerator, output_dir, pad_token_id)
+    log.info(
+        "training: %d steps (%d per epoch), %d rows per step (%d x %d accumulation x %d processes)",
+        trainer.total_steps, trainer.steps_per_epoch, trainer.rows_per_step,
+        config.per_device_train_batch_size, config.gradient_accumulation_steps, accelerator.num_processes,
+    )
+    started = time.perf_counter()
+    history = trainer.fit()
+    seconds = time.perf_counter() - started
+
+    model = trainer.model
+    if accelerator.is_main_process:
+        save_model(model, tokenizer, output_dir)
+        log.info("saved the model to %s (%.0f s of training)", output_dir, seconds)
+    accelerator.wait_for_everyone()
+    return TrainResult(output_dir, history, trainer.step, data.stats, seconds, model, tokenizer)

@@ -1,0 +1,133 @@
+"""Tiny models and tokenizers built offline from configs, and small datasets: nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+WORDS = (
+    "the a cat dog sat on mat hello world how are you today fine thanks what is your name my I am model "
+    "who made you small language train data tell me about weather sunny rain cloud good bad yes no please "
+    "one two three four five six seven eight nine ten river mountain tree house blue red green"
+).split()
+
+
+def corpus(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+
+
+def build_tokenizer(chat_template: str | None = CHATML_TEMPLATE):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    core.train_from_iterator(corpus() + ["system user assistant"] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_model(vocab_size: int, seed: int = 0, **overrides):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=None,
+    )
+    settings.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**settings))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64) with a ChatML byte-level BPE tokenizer, saved like a Hub checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(folder)
+    build_model(len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_no_template_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama-plain")
+    tokenizer = build_tokenizer(chat_template=None)
+    tokenizer.save_pretrained(folder)
+    build_model(len(tokenizer)).save_pretrained(folder)
+    return folder
+
+
+def conversations(n: int = 32, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        messages = []
+        if rng.random() < 0.3:
+            messages.append({"role": "system", "content": " ".join(rng.choice(WORDS) for _ in range(4))})
+        for _ in range(rng.randint(1, 3)):
+            messages.append({"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))})
+            messages.append({"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10)))})
+        rows.append({"messages": messages})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def chat_jsonl(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "data" / "chat.jsonl", conversations())
+
+
+@pytest.fixture
+def text_jsonl(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "data" / "text.jsonl", [{"text": t} for t in corpus(40, seed=1)])
+
+
+def asset_folder(name: str) -> Path:
+    """A real asset fetched by `make assets` (scripts/fetch_assets.py); tests that need one skip without it."""
+    from sftune import assets
+
+    folder = assets.cache_dir() / "assets" / name
+    if not all((folder / Path(member).name).is_file() for member in assets.ASSETS[name].files):
+        pytest.skip(f"asset '{name}' not fetched: run `make assets`")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from sftune import assets
+
+    folder = assets.cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip("SmolLM2 not fetched: run `make assets`")
+    return folder

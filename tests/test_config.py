@@ -1,0 +1,187 @@
+"""The config schema: three ways in give one resolved config, and every bad value is caught with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sftune import SFTConfig, load_config
+from sftune.cli import main
+from sftune.config import CONFIG_FILENAME
+from sftune.errors import ConfigError
+
+
+def test_defaults_follow_trl():
+    config = SFTConfig()
+    assert config.learning_rate == 2e-5
+    assert config.per_device_train_batch_size == 8
+    assert config.max_length == 1024
+    assert config.num_train_epochs == 3.0
+    assert config.lr_scheduler_type == "linear"
+
+
+def test_python_yaml_and_flags_resolve_to_the_same_config(tmp_path):
+    python = SFTConfig(model_name_or_path="m", dataset_name="d.jsonl", learning_rate=1e-4, max_length=256)
+    path = tmp_path / "run.yaml"
+    path.write_text("model_name_or_path: m\ndataset_name: d.jsonl\nlearning_rate: 1e-3\nmax_length: 256\n")
+    from_yaml_with_flag = load_config(path, {"learning_rate": "1e-4"})
+    from_flags = load_config(None, {"model_name_or_path": "m", "dataset_name": "d.jsonl",
+                                    "learning_rate": "1e-4", "max_length": "256"})
+    assert python.to_dict() == from_yaml_with_flag.to_dict() == from_flags.to_dict()
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1e-4\nadam_epsilon: 1e-6\nmax_steps: 1e2\n")
+    config = load_config(path)
+    assert config.learning_rate == 1e-4 and config.adam_epsilon == 1e-6 and config.max_steps == 100
+
+
+@pytest.mark.parametrize("text,expected", [("true", True), ("false", False), ("True", True), ("no", False)])
+def test_boolean_values(text, expected):
+    assert load_config(None, {"overwrite_output_dir": text}).overwrite_output_dir is expected
+
+
+def test_aliases_from_older_trl_names(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("max_seq_length: 333\ntorch_dtype: bfloat16\n")
+    config = load_config(path)
+    assert config.max_length == 333 and config.dtype == "bfloat16"
+    assert load_config(path, {"max_length": "77"}).max_length == 77  # a flag beats the file's alias
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = SFTConfig(model_name_or_path="m", dataset_name="d", learning_rate=3e-4, max_length=None, seed=7)
+    config.save(tmp_path / CONFIG_FILENAME)
+    assert load_config(tmp_path / CONFIG_FILENAME).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"learning_rat": 1}, "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
+        ({"per_device_batch_size": 1}, "did you mean 'per_device_train_batch_size'?"),
+        ({"max_seq_lenght": 5}, "did you mean 'max_length'?"),
+        ({"zzz": 1}, "unknown key 'zzz'"),
+        ({"bf16": True}, "set `dtype: bfloat16` instead"),
+        ({"learning_rate": "fast"}, "'learning_rate' = 'fast': expected a number"),
+        ({"learning_rate": True}, "'learning_rate' = True: expected a number"),
+        ({"per_device_train_batch_size": 2.5}, "expected a whole number"),
+        ({"per_device_train_batch_size": 0}, "'per_device_train_batch_size' = 0: must be >= 1"),
+        ({"gradient_accumulation_steps": -1}, "'gradient_accumulation_steps' = -1: must be >= 1"),
+        ({"learning_rate": 0}, "'learning_rate' = 0.0: must be > 0"),
+        ({"learning_rate": -1e-4}, "must be > 0"),
+        ({"max_steps": 0}, "'max_steps' = 0: must be >= 1, or -1"),
+        ({"num_train_epochs": 0}, "'num_train_epochs' = 0.0: must be > 0"),
+        ({"max_length": 1}, "'max_length' = 1: must be >= 2"),
+        ({"warmup_ratio": 1.5}, "'warmup_ratio' = 1.5: must be in [0, 1)"),
+        ({"warmup_ratio": 0.1, "warmup_steps": 5}, "'warmup_ratio' (0.1) and 'warmup_steps' (5) are both set"),
+        ({"adam_beta2": 1.0}, "'adam_beta2' = 1.0: must be in [0, 1)"),
+        ({"logging_steps": 0}, "'logging_steps' = 0: must be >= 1"),
+        ({"max_grad_norm": -1}, "must be >= 0"),
+        ({"dtype": "fp32"}, "'dtype' = 'fp32': expected one of auto, float32, bfloat16, float16"),
+        ({"lr_scheduler_type": "cosin"}, "(did you mean 'cosine'?)"),
+        ({"overwrite_output_dir": "maybe"}, "expected true or false"),
+        ({"model_name_or_path": 5}, "'model_name_or_path' = 5: expected text"),
+        ({"seed": -3}, "'seed' = -3: must be >= 0"),
+        ({"max_seq_length": 5, "max_length": 6}, "key 'max_length' is given twice"),
+    ],
+)
+def test_bad_values_name_the_key(values, message):
+    with pytest.raises(ConfigError) as caught:
+        SFTConfig.from_dict(values)
+    assert message in str(caught.value)
+
+
+def test_python_constructor_validates_too():
+    with pytest.raises(ConfigError, match="per_device_train_batch_size"):
+        SFTConfig(per_device_train_batch_size=0)
+
+
+def test_missing_required_keys_are_reported_at_train_time():
+    with pytest.raises(ConfigError, match="missing required key 'model_name_or_path'"):
+        SFTConfig(dataset_name="d").check_ready_to_train()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("learning_rate: [1, 2\n", "line 2: not valid YAML"),
+        ("- a\n- b\n", "expected a mapping of key: value"),
+        ("learning_rat: 1\n", "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
+    ],
+)
+def test_bad_yaml_files(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert message in str(caught.value) and "bad.yaml" in str(caught.value)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+# ---- the CLI surface of the same errors: one line, exit code 2, no traceback
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--learning_rat", "1e-4"], "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
+        (["train", "--learning-rat=1e-4"], "did you mean 'learning_rate'?"),
+        (["train", "--per_device_train_batch_size", "zero"], "expected a whole number"),
+        (["train", "--max_steps", "0"], "must be >= 1, or -1"),
+        (["train", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+        (["train", "a.yaml", "b.yaml"], "unexpected argument 'b.yaml'"),
+        (["train", "--learning_rate"], "expected one argument"),
+        (["train"], "missing required key 'model_name_or_path'"),
+        (["trian"], "invalid choice: 'trian'"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_code_2(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_boolean_flag_forms(tmp_path, capsys):
+    from sftune.cli import _parse
+
+    for argv, expected in [(["--overwrite_output_dir"], True), (["--overwrite_output_dir", "false"], False),
+                           (["--overwrite_output_dir", "true"], True), (["--overwrite-output-dir=no"], False)]:
+        _, overrides = _parse(["train", *argv])
+        assert load_config(None, overrides).overwrite_output_dir is expected
+
+
+def test_help_lists_every_field_with_default(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["train", "--help"])
+    assert caught.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for name, value in SFTConfig().to_dict().items():
+        assert f"--{name}" in out
+    assert "Peak learning rate of AdamW. (default: 2e-05)" in out
+    assert "(default: unset)" in out
+
+
+def test_debug_flag_shows_the_traceback():
+    with pytest.raises(ConfigError):
+        main(["train", "--debug", "--learning_rate", "-1"])
+
+
+def test_saved_yaml_is_plain_data(tmp_path):
+    SFTConfig(model_name_or_path="m", dataset_name="d").save(tmp_path / "c.yaml")
+    data = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert data["model_name_or_path"] == "m" and data["max_length"] == 1024
