@@ -158,3 +158,14 @@ def test_seed_makes_runs_repeatable(tiny_model_dir, chat_jsonl, tmp_path):
     other = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "c", per_device_train_batch_size=4, seed=1))
     assert list(step_losses(first)) == list(step_losses(second))
     assert list(step_losses(first)) != list(step_losses(other))  # another seed, another data order
+
+
+def test_dtype_and_attention_implementation(tiny_model_dir, chat_jsonl, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "run", max_steps=2, dtype="bfloat16",
+                               attn_implementation="eager"))
+    assert result.model.dtype == torch.bfloat16
+    assert result.model.config._attn_implementation == "eager"
+    assert np.isfinite(step_losses(result)).all()
+    assert AutoModelForCausalLM.from_pretrained(result.output_dir, dtype="auto").dtype == torch.bfloat16

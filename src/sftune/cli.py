@@ -21,8 +21,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, grouped as in the schema; only flags actually given reach the config."""
-    groups = {name: parser.add_argument_group(f"{name} options") for name in cfg.GROUPS}
+    groups: dict[str, Any] = {}
     for group, name, default, label, help_text in cfg.field_help():
+        if group not in groups:
+            groups[group] = parser.add_argument_group(f"{group} options")
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         extra: dict[str, Any] = {"nargs": "?", "const": "true"} if cfg.field_is_bool(name) else {}
         shown = "unset" if default is None else default

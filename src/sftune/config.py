@@ -40,9 +40,6 @@ def _opt(default: Any, help: str, group: str) -> Any:
     return field(default=default, metadata={"help": help, "group": group})
 
 
-GROUPS = ("model", "data", "training", "output")
-
-
 @dataclass
 class SFTConfig:
     """Everything that defines a run. Build it in Python, from a YAML file, or from CLI flags: the same schema."""

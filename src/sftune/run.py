@@ -65,6 +65,7 @@ def train(config: SFTConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from sftune.data.collate import make_collator
     from sftune.data.prepare import prepare_train_data
     from sftune.export.save import save_model
     from sftune.model.load import load_model, load_tokenizer
@@ -81,9 +82,7 @@ def train(config: SFTConfig) -> TrainResult:
     tokenizer = load_tokenizer(config)
     data = prepare_train_data(config, tokenizer)
     model = load_model(config)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-
-    trainer = Trainer(model, data.rows, config, accelerator, output_dir, pad_token_id)
+    trainer = Trainer(model, data.rows, config, accelerator, output_dir, make_collator(config, tokenizer))
     log.info(
         "training: %d steps (%d per epoch), %d rows per step (%d x %d accumulation x %d processes)",
         trainer.total_steps, trainer.steps_per_epoch, trainer.rows_per_step,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
+from sftune.config import SFTConfig
 from sftune.data.render import IGNORE_INDEX
 
 
@@ -35,3 +38,9 @@ def pad_batch(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.
         "attention_mask": torch.from_numpy(attention_mask),
         "targets": torch.from_numpy(targets),
     }
+
+
+def make_collator(config: SFTConfig, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """The batch builder the loop uses for this run's rows."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return partial(pad_batch, pad_token_id=pad if pad is not None else 0)

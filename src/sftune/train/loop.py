@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,25 +19,20 @@ import numpy as np
 import torch
 
 from sftune.config import SFTConfig
-from sftune.data.collate import pad_batch
+from sftune.data.order import epoch_order
 from sftune.data.render import IGNORE_INDEX
 from sftune.train.loss import CausalLMWithLoss
 from sftune.train.optim import build_optimizer, build_scheduler
 from sftune.train.report import Reporter
 
 
-def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled row order of one epoch: the same for every process and on every rerun."""
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
-
-
 class Trainer:
     def __init__(self, model: torch.nn.Module, rows: list[dict[str, Any]], config: SFTConfig,
-                 accelerator: Any, output_dir: Path, pad_token_id: int):
+                 accelerator: Any, output_dir: Path, collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]):
         self.config = config
         self.accelerator = accelerator
         self.rows = rows
-        self.pad_token_id = pad_token_id
+        self.collate = collate
         self.world_size = accelerator.num_processes
         self.micro_batch_rows = config.per_device_train_batch_size * self.world_size  # one micro-batch, all ranks
         self.rows_per_step = self.micro_batch_rows * config.gradient_accumulation_steps
@@ -66,7 +62,7 @@ class Trainer:
         interval_loss, interval_tokens, interval_start = 0.0, 0, time.perf_counter()
         while self.step < self.total_steps:
             epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
-            order = epoch_order(len(self.rows), self.config.seed, epoch)
+            order = epoch_order(self.rows, self.config, epoch)
             micro_batches = self._micro_batches(order, step_in_epoch)
             learning_rate = self.scheduler.get_last_lr()[0]
 
@@ -104,7 +100,7 @@ class Trainer:
             mine = [self.rows[i] for i in global_rows[rank * size:(rank + 1) * size]]
             if not mine:  # the epoch's last micro-batch can leave a process without rows; it still joins in
                 mine = [_without_targets(self.rows[global_rows[0]])]
-            batches.append(pad_batch(mine, self.pad_token_id))
+            batches.append(self.collate(mine))
         return batches
 
     def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int, float]:

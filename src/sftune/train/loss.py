@@ -28,7 +28,7 @@ class CausalLMWithLoss(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        self.model = model  # a transformers model, or a peft model wrapping one
         text_config = _text_config(model.config)
         # Some architectures transform logits after the head; apply the same here so the loss matches theirs.
         self.final_logit_softcapping = getattr(text_config, "final_logit_softcapping", None)
@@ -43,15 +43,21 @@ class CausalLMWithLoss(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        backbone = getattr(self.model, self.model.base_model_prefix)
+        causal_lm = self.causal_lm
+        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
         hidden = backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         selected = targets != IGNORE_INDEX
-        logits = self.model.get_output_embeddings()(hidden[selected])
+        logits = causal_lm.get_output_embeddings()(hidden[selected])
         logits = self._postprocess(logits).float()
         loss_sum = F.cross_entropy(logits, targets[selected], reduction="sum")
         return {"loss_sum": loss_sum, "num_tokens": selected.sum()}
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The transformers model; under peft, the base model with the adapter layers injected into it."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def _postprocess(self, logits: torch.Tensor) -> torch.Tensor:
         if self.logit_scale is not None:
