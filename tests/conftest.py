@@ -64,6 +64,12 @@ def build_model(vocab_size: int, seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**settings))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prepared_data_cache(tmp_path_factory):
+    """Prepared-data cache of this test session, never the user's (subprocesses inherit it)."""
+    os.environ["SFTUNE_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 64) with a ChatML byte-level BPE tokenizer, saved like a Hub checkpoint."""
@@ -131,3 +137,18 @@ def smollm2_dir() -> Path:
     if not (folder / "model.safetensors").is_file():
         pytest.skip("SmolLM2 not fetched: run `make assets`")
     return folder
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer():
+    """The real Qwen3 tokenizer and chat template (a fresh copy per test module would be slow; do not modify it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(asset_folder("qwen3-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -12,7 +12,7 @@ from sftune.cli import main
 from sftune.data.collate import next_token_targets, pad_batch
 from sftune.data.prepare import prepare_train_data
 from sftune.data.sources import load_source
-from sftune.errors import DataError, UserError
+from sftune.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +69,14 @@ def test_chat_rows_render_through_the_template(tokenizer, tmp_path):
     rows = conversations(6)
     data = prepare(write_jsonl(tmp_path / "c.jsonl", rows), tokenizer)
     expected = tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False)
-    assert tokenizer.decode(data.rows[0]["input_ids"]) == expected
+    assert tokenizer.decode(data.train_rows[0]["input_ids"]) == expected
     assert data.stats["format"] == "messages" and data.stats["rows"] == 6
 
 
 def test_text_rows_get_exactly_one_eos(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}, {"text": "hello world<|im_end|>"}])
     data = prepare(path, tokenizer)
-    for row in data.rows:
+    for row in data.train_rows:
         ids = list(row["input_ids"])
         assert ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
 
@@ -114,13 +114,21 @@ def test_padding_carries_no_target(tokenizer):
          "c.jsonl row 1: message 2 has role 'assitant' (expected one of: system, user, assistant, tool); "
          "did you mean 'assistant'?"),
         ('{"messages": [{"role": "user", "content": 5}]}\n', "row 1: message 1 (user) has content of type int"),
-        ('{"messages": [{"role": "user", "content": "  "}]}\n', "row 1: message 1 (user) has empty content"),
+        ('{"messages": [{"role": "user"}]}\n', "row 1: message 1 (user) has no content"),
         ('{"messages": []}\n', "row 1: field 'messages' must be a non-empty list"),
         ('{"messages": ["hi"]}\n', "row 1: message 1 must be an object"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "hi"}\n',
          "c.jsonl row 2: field 'messages' must be a non-empty list"),
         ('{"mesages": []}\n', "cannot tell the dataset's format from its columns (mesages)"),
-        ('{"txt": "a"}\n', "did you mean 'txt'? rename it"),
+        ('{"txt": "a"}\n', "did you mean 'txt'? rename it (dataset_columns)"),
+        ('{"conversations": [{"from": "humann", "value": "hi"}]}\n',
+         "row 1: conversations turn 1 is from 'humann' (expected one of: human, "),
+        ('{"prompt": "a", "completion": 3}\n', "row 1: field 'completion' must be text (or a list of messages)"),
+        ('{"instruction": "a", "output": ""}\n', "row 1: field 'output' is empty"),
+        ('{"input_ids": [1, "x"]}\n', "row 1: field 'input_ids' must be a list of whole numbers"),
+        ('{"input_ids": [1, 2], "labels": [1]}\n', "row 1: field 'labels' has 1 values for 2 input_ids"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "tools": "not json"}\n',
+         "row 1: field 'tools' is text but not valid JSON"),
         ('{"text": 3}\n', "row 1: field 'text' must be text, got int"),
         ("", "is empty: no rows"),
         ("[1, 2]", "c.jsonl line 1: expected a JSON object, got list"),
@@ -150,9 +158,15 @@ def test_hub_dataset_path_fails_clearly_offline(tokenizer):
         load_source("someone/some-dataset-that-is-not-here")
 
 
-def test_conversations_need_a_chat_template(tmp_path, chat_jsonl):
-    with pytest.raises(UserError, match="has no chat template"):
-        prepare(chat_jsonl, build_tokenizer(chat_template=None))
+def test_tokenizer_without_template_gets_chatml_and_its_end_token_as_eos(chat_jsonl):
+    tokenizer = build_tokenizer(chat_template=None)
+    tokenizer.eos_token = "<|endoftext|>"
+    data = prepare(chat_jsonl, tokenizer, assistant_only_loss=True)
+    assert data.stats["default_template"] and "<|im_start|>" in tokenizer.chat_template
+    assert tokenizer.eos_token == "<|im_end|>"
+    row = data.train_rows[0]
+    trained = row["input_ids"][row["labels"] != -100]
+    assert trained[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,7 @@ def test_our_loss_equals_transformers_loss(tiny_model_dir, chat_jsonl):
 
     config = tiny_config(tiny_model_dir, chat_jsonl, "unused")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows = prepare_train_data(config, tokenizer).rows[:4]
+    rows = prepare_train_data(config, tokenizer).train_rows[:4]
     batch = pad_batch(rows, tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     out = CausalLMWithLoss(model)(**batch)

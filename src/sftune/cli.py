@@ -47,6 +47,20 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
     _add_config_flags(train)
 
+    inspect = commands.add_parser(
+        "inspect", help="Show what training will see: data statistics, template checks, masked examples.",
+        allow_abbrev=False, usage="sftune inspect [CONFIG] [--jsonl FILE] [--num_examples N] [--KEY VALUE ...]",
+        description="Prepare the data as `sftune train` would (using the same cache), print its statistics and "
+        "template checks, and show examples with the trained tokens highlighted.",
+    )
+    inspect.add_argument("config", nargs="?", help="YAML file with settings; flags override it.")
+    inspect.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
+    inspect.add_argument("--jsonl", metavar="FILE", help="Write every prepared example (before packing), in dataset "
+                         "order, as one JSON object per line: index, input_ids, labels.")
+    inspect.add_argument("--num_examples", "--num-examples", type=int, default=3, metavar="N",
+                         help="Examples to show (default: 3).")
+    _add_config_flags(inspect)
+
     demo = commands.add_parser(
         "demo", help="Teach SmolLM2-135M-Instruct a new identity (downloads it once, ~100 MB).", allow_abbrev=False,
         usage="sftune demo [--KEY VALUE ...]",
@@ -69,7 +83,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     if args.command is None:
         parser.print_help()
         raise SystemExit(EXIT_USER_ERROR)
-    reserved = {"command", "config", "debug"}
+    reserved = {"command", "config", "debug", "jsonl", "num_examples"}
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     return args, overrides
 
@@ -83,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             from sftune.run import train
 
             train(cfg.load_config(args.config, overrides))
+        elif args.command == "inspect":
+            from sftune.inspect import inspect_data
+
+            inspect_data(cfg.load_config(args.config, overrides), args.jsonl, args.num_examples)
         elif args.command == "demo":
             from sftune.demo import run_demo
 

@@ -33,6 +33,7 @@ NOT_SUPPORTED = {
     "bf16": "sftune trains in the dtype the model is loaded in: set `dtype: bfloat16` instead",
     "fp16": "sftune trains in the dtype the model is loaded in: set `dtype: float16` instead",
     "tf32": "not configurable in sftune; remove it",
+    "dataset_kwargs": "sftune detects pre-tokenized rows (an input_ids column) by itself; remove it",
 }
 
 
@@ -68,6 +69,63 @@ class SFTConfig:
     dataset_text_field: str = _opt("text", "Column holding plain text, for text datasets.", "data")
     max_length: int | None = _opt(
         1024, "Longest sequence in tokens; longer rows are truncated (unset: no limit).", "data"
+    )
+
+    # ---- data: sources, formats, loss masks, packing (see README's Data section)
+    datasets: list[dict] | None = _opt(
+        None,
+        "Several training datasets at once, instead of dataset_name: a list of mappings with 'path' and optionally "
+        "'name' (subset), 'split', 'test_split', 'weight', 'columns', 'format'. Weights set each source's share of "
+        "the training rows (by rows, not tokens); without weights every row is used once.",
+        "data",
+    )
+    dataset_test_split: str | None = _opt(
+        None, "Split of the dataset(s) to evaluate on, e.g. 'test' (unset: no eval split).", "data"
+    )
+    eval_ratio: float = _opt(
+        0.0, "Fraction of the training rows held out for evaluation (seeded), when there is no eval split.", "data"
+    )
+    dataset_format: Literal["auto", "text", "prompt_completion", "messages", "sharegpt", "alpaca", "tokenized"] = _opt(
+        "auto", "Format of the rows; 'auto' detects it from the columns of each dataset.", "data"
+    )
+    dataset_columns: dict[str, str] | None = _opt(
+        None, "Rename columns before format detection: {their_name: our_name}, e.g. {dialog: messages}.", "data"
+    )
+    chat_template_path: str | None = _opt(
+        None, "A .jinja chat template to use instead of the tokenizer's own; it is saved with the model.", "data"
+    )
+    eos_token: str | None = _opt(
+        None, "Token that ends a sequence and stops generation (unset: the tokenizer's EOS).", "data"
+    )
+    completion_only_loss: bool | None = _opt(
+        None, "Train only on the completion of prompt/completion rows (unset: on for prompt/completion data).", "data"
+    )
+    assistant_only_loss: bool = _opt(
+        False, "Train only on assistant turns (content and end-of-turn token) of conversations.", "data"
+    )
+    last_assistant_only_loss: bool = _opt(
+        False, "Train only on the last assistant turn of each conversation.", "data"
+    )
+    truncation_mode: Literal["keep_start", "keep_end"] = _opt(
+        "keep_start", "Which end of a row longer than max_length is kept.", "data"
+    )
+    packing: bool = _opt(
+        False, "Pack several rows into each max_length sequence; packed rows never attend to one another.", "data"
+    )
+    packing_strategy: Literal["bfd", "bfd_split", "wrapped"] = _opt(
+        "bfd",
+        "bfd: best-fit decreasing, rows kept whole; bfd_split: long rows split across sequences; "
+        "wrapped: rows cut to fill every sequence exactly.",
+        "data",
+    )
+    padding_free: bool = _opt(
+        False, "Join each batch into one sequence without padding (documents told apart by position_ids).", "data"
+    )
+    group_by_length: bool = _opt(
+        False, "Batch rows of similar length together (less padding); without packing only.", "data"
+    )
+    dataset_num_proc: int | None = _opt(
+        None, "Processes that tokenize the data (unset: one per CPU core for datasets over 2,000 rows).", "data"
     )
 
     # ---- training
@@ -126,17 +184,36 @@ class SFTConfig:
         need(self.logging_steps >= 1, "logging_steps", "must be >= 1")
         need(self.seed >= 0, "seed", "must be >= 0")
         need(bool(self.output_dir), "output_dir", "must be a folder path")
+        self._check_data_settings()
         if self.warmup_ratio > 0 and self.warmup_steps > 0:
             raise ConfigError(
                 f"config keys 'warmup_ratio' ({self.warmup_ratio}) and 'warmup_steps' ({self.warmup_steps}) "
                 "are both set: keep one of them"
             )
 
-    def check_ready_to_train(self) -> None:
+    def _check_data_settings(self) -> None:
+        def need(ok: bool, key: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"config key '{key}' = {getattr(self, key)!r}: {rule}")
+
+        need(0.0 <= self.eval_ratio < 1.0, "eval_ratio", "must be in [0, 1)")
+        need(self.dataset_num_proc is None or self.dataset_num_proc >= 1, "dataset_num_proc", "must be >= 1")
+        need(not self.packing or self.max_length is not None, "packing", "needs max_length (the packed length)")
+        if self.dataset_name is not None and self.datasets is not None:
+            raise ConfigError("config keys 'dataset_name' and 'datasets' are both set: keep one of them")
+        if self.dataset_test_split is not None and self.eval_ratio > 0:
+            raise ConfigError("config keys 'dataset_test_split' and 'eval_ratio' are both set: keep one of them")
+        if self.datasets is not None:
+            check_dataset_entries(self.datasets)
+
+    def check_ready_to_train(self, dataset_given: bool = False) -> None:
         """The keys a training run cannot do without; checked at train time, so a partial config can be built."""
-        for key in ("model_name_or_path", "dataset_name"):
-            if getattr(self, key) is None:
-                raise ConfigError(f"missing required key '{key}': set it in the YAML file or with --{key}")
+        if self.model_name_or_path is None:
+            raise ConfigError("missing required key 'model_name_or_path': set it in the YAML file or with "
+                              "--model_name_or_path")
+        if not dataset_given and self.dataset_name is None and not self.datasets:
+            raise ConfigError("missing required key 'dataset_name': set it (or 'datasets') in the YAML file "
+                              "or with --dataset_name")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -165,6 +242,36 @@ class SFTConfig:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
+
+
+DATASET_ENTRY_KEYS = ("path", "name", "split", "test_split", "weight", "columns", "format")
+
+
+def check_dataset_entries(entries: list[dict]) -> None:
+    """Each entry of `datasets`: a mapping with a 'path'; weights given for all entries or for none."""
+    if not entries:
+        raise ConfigError("config key 'datasets' is an empty list: give at least one dataset, or unset it")
+    formats = typing.get_args(_type_hints()["dataset_format"])
+    for i, entry in enumerate(entries):
+        where = f"config key 'datasets[{i}]'"
+        for key in entry:
+            if key not in DATASET_ENTRY_KEYS:
+                close = difflib.get_close_matches(str(key), DATASET_ENTRY_KEYS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(DATASET_ENTRY_KEYS)})"
+                raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+        if not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise ConfigError(f"{where}: needs 'path' (a Hub dataset id, a file or a folder)")
+        weight = entry.get("weight")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0):
+            raise ConfigError(f"{where}.weight = {weight!r}: must be a number > 0")
+        columns = entry.get("columns")
+        if columns is not None and not isinstance(columns, (dict, list)):
+            raise ConfigError(f"{where}.columns: expected a mapping {{their_name: our_name}} or a list of columns")
+        if entry.get("format", "auto") not in formats:
+            raise ConfigError(f"{where}.format = {entry['format']!r}: expected one of {', '.join(formats)}")
+    weighted = [entry.get("weight") is not None for entry in entries]
+    if any(weighted) and not all(weighted):
+        raise ConfigError("config key 'datasets': give every dataset a 'weight', or none (then every row is used once)")
 
 
 def unknown_key_message(key: str) -> str:
@@ -276,6 +383,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         raise ConfigError(f"config key '{key}' = {value!r}: expected text")
     if origin is list:
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:  # a JSON list on the command line, e.g. --datasets '[{"path": "a.jsonl"}]'
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(f"config key '{key}': not a valid JSON list") from None
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list):

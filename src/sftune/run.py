@@ -59,14 +59,18 @@ def claim_output_dir(config: SFTConfig) -> Path:
     return out
 
 
-def train(config: SFTConfig) -> TrainResult:
-    config.check_ready_to_train()
+def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None,
+          formatting_func: Any = None) -> TrainResult:
+    """`train_dataset` / `eval_dataset` (a datasets.Dataset or a list of dicts) replace the config's datasets;
+    `formatting_func` turns each raw row into text or into a row of any supported format."""
+    config.check_ready_to_train(dataset_given=train_dataset is not None)
 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from sftune.data.collate import make_collator
     from sftune.data.prepare import prepare_train_data
+    from sftune.data.template import fit_model_to_tokenizer
     from sftune.export.save import save_model
     from sftune.model.load import load_model, load_tokenizer
     from sftune.train.loop import Trainer
@@ -80,9 +84,11 @@ def train(config: SFTConfig) -> TrainResult:
     set_seed(config.seed)
 
     tokenizer = load_tokenizer(config)
-    data = prepare_train_data(config, tokenizer)
+    with accelerator.main_process_first():  # one process prepares; the others load its cache
+        data = prepare_train_data(config, tokenizer, train_dataset, eval_dataset, formatting_func)
     model = load_model(config)
-    trainer = Trainer(model, data.rows, config, accelerator, output_dir, make_collator(config, tokenizer))
+    fit_model_to_tokenizer(model, tokenizer)
+    trainer = Trainer(model, data.train_rows, config, accelerator, output_dir, make_collator(config, tokenizer))
     log.info(
         "training: %d steps (%d per epoch), %d rows per step (%d x %d accumulation x %d processes)",
         trainer.total_steps, trainer.steps_per_epoch, trainer.rows_per_step,

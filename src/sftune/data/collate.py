@@ -1,4 +1,17 @@
-"""Canonical rows -> model-ready tensors, with the labels shifted to the targets each position predicts."""
+"""Canonical rows -> model-ready tensors, with the labels shifted to the targets each position predicts.
+
+Two layouts:
+- padded: rows right-padded to the longest, with an attention_mask (padding gets no attention and no target).
+- by positions (packed rows, or padding_free): no attention_mask; position_ids restart at 0 at each document.
+  transformers then builds a block-diagonal causal mask from position_ids on sdpa and eager attention (only when
+  attention_mask is None and no cache is used, which CausalLMWithLoss ensures), and FlashAttention runs its
+  varlen kernel with cu_seqlens taken from them. FlashAttention reads position_ids that way only for a batch of
+  one row, so for it (and for padding_free) the batch's rows are joined into one row; on sdpa/eager packed rows
+  stay rows, since attention there costs the square of a row's length.
+
+Every batch also carries `source_ids`, aligned with `targets`: the source dataset of the document each target
+belongs to, -1 where there is no target. It is for per-source loss reports.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +28,27 @@ from sftune.data.render import IGNORE_INDEX
 
 def next_token_targets(labels: np.ndarray, seq_lengths: np.ndarray | None = None) -> np.ndarray:
     """targets[t] = labels[t + 1] within the same document; the last position of each document predicts nothing."""
-    targets = np.full_like(labels, IGNORE_INDEX)
+    targets = np.full(len(labels), IGNORE_INDEX, dtype=np.int64)
     targets[:-1] = labels[1:]
     ends = np.cumsum(seq_lengths) - 1 if seq_lengths is not None else np.array([len(labels) - 1])
     targets[ends] = IGNORE_INDEX
     return targets
+
+
+def document_lengths(row: dict[str, Any]) -> np.ndarray:
+    lengths = row.get("seq_lengths")
+    return np.asarray(lengths) if lengths is not None else np.array([len(row["input_ids"])])
+
+
+def token_sources(row: dict[str, Any]) -> np.ndarray:
+    """The source of the document each token belongs to."""
+    return np.repeat(np.asarray(row.get("source", 0)).reshape(-1), document_lengths(row))
+
+
+def _row_arrays(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    targets = next_token_targets(row["labels"], row.get("seq_lengths"))
+    sources = np.where(targets != IGNORE_INDEX, token_sources(row), -1)
+    return np.asarray(row["input_ids"]), targets, sources
 
 
 def pad_batch(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -28,19 +57,56 @@ def pad_batch(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.
     input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
     attention_mask = np.zeros((len(rows), width), dtype=np.int64)
     targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    source_ids = np.full((len(rows), width), -1, dtype=np.int64)
     for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[i, :n] = row["input_ids"]
+        ids, row_targets, sources = _row_arrays(row)
+        n = len(ids)
+        input_ids[i, :n] = ids
         attention_mask[i, :n] = 1
-        targets[i, :n] = next_token_targets(row["labels"], row.get("seq_lengths"))
+        targets[i, :n] = row_targets
+        source_ids[i, :n] = sources
     return {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention_mask),
         "targets": torch.from_numpy(targets),
+        "source_ids": torch.from_numpy(source_ids),
     }
+
+
+def position_batch(rows: list[dict[str, Any]], pad_token_id: int, join: bool) -> dict[str, torch.Tensor]:
+    """No attention_mask: position_ids restart at every document. `join` makes the batch one row, no padding."""
+    parts = [_row_arrays(row) + (_positions(document_lengths(row)),) for row in rows]
+    if join:
+        parts = [tuple(np.concatenate(column) for column in zip(*parts))]
+    width = max(len(p[0]) for p in parts)
+    input_ids = np.full((len(parts), width), pad_token_id, dtype=np.int64)
+    targets = np.full((len(parts), width), IGNORE_INDEX, dtype=np.int64)
+    source_ids = np.full((len(parts), width), -1, dtype=np.int64)
+    # padding positions restart at 0 too: the padding is then a document of its own that no real token sees
+    position_ids = np.tile(np.arange(width, dtype=np.int64), (len(parts), 1))
+    for i, (ids, row_targets, sources, positions) in enumerate(parts):
+        n = len(ids)
+        input_ids[i, :n], targets[i, :n], source_ids[i, :n] = ids, row_targets, sources
+        position_ids[i, :n] = positions
+        position_ids[i, n:] -= n
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "position_ids": torch.from_numpy(position_ids),
+        "targets": torch.from_numpy(targets),
+        "source_ids": torch.from_numpy(source_ids),
+    }
+
+
+def _positions(lengths: np.ndarray) -> np.ndarray:
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.arange(int(np.sum(lengths)), dtype=np.int64) - starts
 
 
 def make_collator(config: SFTConfig, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
     """The batch builder the loop uses for this run's rows."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return partial(pad_batch, pad_token_id=pad if pad is not None else 0)
+    pad = pad if pad is not None else 0
+    if config.packing or config.padding_free:
+        flash = "flash" in (config.attn_implementation or "")  # flash_attention_2/3, hub flash kernels
+        return partial(position_batch, pad_token_id=pad, join=config.padding_free or flash)
+    return partial(pad_batch, pad_token_id=pad)

@@ -8,7 +8,19 @@ import numpy as np
 
 from sftune.config import SFTConfig
 
+GROUP_SPAN = 50  # group_by_length sorts within windows of this many micro-batches (as transformers does)
+
 
 def epoch_order(rows: list[dict[str, Any]], config: SFTConfig, epoch: int) -> np.ndarray:
-    """The shuffled row order of one epoch."""
-    return np.random.default_rng([config.seed, epoch]).permutation(len(rows))
+    """The shuffled row order of one epoch. With group_by_length, each window of 50 micro-batches of the shuffled
+    order is sorted longest first, so every micro-batch holds rows of similar length (less padding)."""
+    order = np.random.default_rng([config.seed, epoch]).permutation(len(rows))
+    if not config.group_by_length or config.packing:
+        return order
+    lengths = np.fromiter((len(rows[i]["input_ids"]) for i in order), dtype=np.int64, count=len(order))
+    window = config.per_device_train_batch_size * GROUP_SPAN
+    for start in range(0, len(order), window):
+        part = slice(start, start + window)
+        sorted_part = np.argsort(-lengths[part], kind="stable")
+        order[part] = order[part][sorted_part]
+    return order

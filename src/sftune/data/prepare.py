@@ -1,29 +1,60 @@
-"""Dataset name -> canonical training rows: {"input_ids", "labels", "index", "source"}.
+"""Datasets -> prepared training and eval rows (see rows.py), cached on disk.
 
-Everything after this (collator, loop, loss) sees only these rows, never text.
+The stages: read each source and normalise its rows (formats.py); hold out eval rows; render and tokenize with
+loss masks and template checks (render.py; in parallel processes for large datasets); truncate; drop rows left
+with nothing to train; mix the sources by weight; pack (pack.py). Everything after this sees only the rows.
+
+The result is cached under $SFTUNE_CACHE/data/<fingerprint> (or $SFTUNE_DATA_CACHE/<fingerprint>); the
+fingerprint covers the data files' bytes (or a Hub dataset's fingerprint), the tokenizer with its template and
+special tokens, and every setting that changes the rows. A second run with the same inputs loads the rows.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import multiprocessing
+import os
+import shutil
+import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
+from sftune import __version__
 from sftune.config import SFTConfig
-from sftune.data.formats import detect_format, normalise
-from sftune.data.render import IGNORE_INDEX, render_conversations, render_texts, require_chat_template
-from sftune.data.sources import load_source
+from sftune.data.formats import apply_formatting_func, detect_format, is_conversation, normalise, rename_columns
+from sftune.data.pack import plan_packing
+from sftune.data.render import CHECKS, IGNORE_INDEX, ExampleTokenizer, Tokenized
+from sftune.data.rows import Documents, RowStore
+from sftune.data.sources import (
+    DatasetSpec, OpenedSplit, SourceRows, dataset_specs, draw_rows, hold_out, mixture_counts, open_split,
+)
+from sftune.data.template import configure_tokenizer, stop_token_ids, use_default_template
 from sftune.errors import DataError
 
 log = logging.getLogger("sftune")
 
+CACHE_LAYOUT = "1"  # bump when the prepared rows would differ for the same inputs
+PARALLEL_MIN_ROWS = 2000  # below this, starting worker processes costs more than it saves
+EXAMPLES_PER_CHECK = 3
+SETTINGS = (  # every config field that changes the prepared rows
+    "dataset_name", "dataset_config", "dataset_train_split", "dataset_text_field", "datasets", "dataset_test_split",
+    "eval_ratio", "dataset_format", "dataset_columns", "max_length", "truncation_mode", "completion_only_loss",
+    "assistant_only_loss", "last_assistant_only_loss", "packing", "packing_strategy", "seed",
+)
+
 
 @dataclass
 class PreparedData:
-    rows: list[dict[str, Any]]
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]  # empty without an eval split or eval_ratio
     stats: dict[str, Any] = field(default_factory=dict)
+    source_names: list[str] = field(default_factory=list)  # index = the rows' `source`
 
 
 def trained_token_count(labels: np.ndarray) -> int:
@@ -31,39 +62,411 @@ def trained_token_count(labels: np.ndarray) -> int:
     return int((labels[1:] != IGNORE_INDEX).sum())
 
 
-def prepare_train_data(config: SFTConfig, tokenizer: Any) -> PreparedData:
-    source = load_source(config.dataset_name, config.dataset_train_split, config.dataset_config)
-    fmt = detect_format(source, config.dataset_text_field)
-    examples = normalise(source, fmt, config.dataset_text_field)
-    if fmt == "messages":
-        require_chat_template(tokenizer, config.model_name_or_path)
-        tokenized = render_conversations(tokenizer, examples)
-    else:
-        tokenized = render_texts(tokenizer, examples)
+def data_cache_dir() -> Path:
+    from sftune.assets import cache_dir
 
-    rows, truncated, dropped = [], 0, 0
-    for index, (ids, labels) in enumerate(tokenized):
-        if config.max_length is not None and len(ids) > config.max_length:
-            ids, labels = ids[: config.max_length], labels[: config.max_length]
-            truncated += 1
-        label_array = np.asarray(labels, dtype=np.int32)
-        if trained_token_count(label_array) == 0:
-            dropped += 1
-            continue
-        rows.append({"input_ids": np.asarray(ids, dtype=np.int32), "labels": label_array, "index": index, "source": 0})
-    if not rows:
-        raise DataError(f"dataset '{config.dataset_name}': no row has a token to train on")
+    override = os.environ.get("SFTUNE_DATA_CACHE")
+    return Path(override).expanduser() if override else cache_dir() / "data"
 
-    stats = {
-        "format": fmt,
-        "rows": len(rows),
-        "rows_truncated": truncated,
-        "rows_dropped": dropped,
-        "tokens": int(sum(len(r["input_ids"]) for r in rows)),
-        "trained_tokens": int(sum(trained_token_count(r["labels"]) for r in rows)),
+
+# ---------------------------------------------------------------- the entry point
+
+
+def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = None, eval_dataset: Any = None,
+                       formatting_func: Callable[[dict], Any] | None = None) -> PreparedData:
+    """Prepared train and eval rows for `config`, from the cache when the same inputs were prepared before.
+
+    `tokenizer` is changed in place where the settings say so (chat_template_path, eos_token, the ChatML default
+    for a tokenizer without a template): it is the tokenizer saved with the model.
+    """
+    started = time.perf_counter()
+    inputs = _open_inputs(config, tokenizer, train_dataset, eval_dataset, formatting_func)
+    folder = data_cache_dir() / inputs.fingerprint if inputs.fingerprint else None
+    if folder is not None and (folder / "stats.json").is_file():
+        data = _load(folder)
+        if data.stats.get("default_template"):
+            use_default_template(tokenizer, keep_eos=bool(config.eos_token))
+        log.info("data: using the prepared data cached in %s (%d train rows, %d eval rows)",
+                 folder, len(data.train_rows), len(data.eval_rows))
+        return data
+
+    sources = _read_sources(inputs, config)
+    documents, stats = _tokenize_sources(sources, inputs, config, tokenizer)
+    train, evaluation = _assemble(documents, [s.weight for s in sources], config, stats)
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    data = PreparedData(train.rows(), evaluation.rows(), stats, [s.label for s in sources])
+    _log_stats(stats)
+    if folder is not None:
+        _save(folder, train, evaluation, data)
+        log.info("data: prepared in %.1f s; cached in %s", stats["seconds"], folder)
+    return data
+
+
+def prepare_documents(config: SFTConfig, tokenizer: Any, limit: int | None = None, train_dataset: Any = None,
+                      formatting_func: Callable[[dict], Any] | None = None) -> tuple[list[Documents], list[SourceRows]]:
+    """The training documents of each source in dataset order, before mixing and packing (for `sftune inspect`);
+    with `limit`, only from the first `limit` rows of each source."""
+    inputs = _open_inputs(config, tokenizer, train_dataset, None, formatting_func)
+    sources = _read_sources(inputs, config)
+    if limit is not None:
+        for source in sources:
+            source.train, source.train_index, source.eval = source.train[:limit], source.train_index[:limit], []
+    documents, _ = _tokenize_sources(sources, inputs, config, tokenizer)
+    return [d["train"] for d in documents], [s.rows for s in sources]
+
+
+# ---------------------------------------------------------------- stage 1: open sources and fingerprint them
+
+
+@dataclass
+class _Inputs:
+    specs: list[DatasetSpec]
+    train: list[OpenedSplit]
+    test: list[OpenedSplit | None]
+    eval_dataset: OpenedSplit | None
+    formatting_func: Callable[[dict], Any] | None
+    stop_ids: set[int]
+    fingerprint: str | None  # None: not cacheable (a formatting_func that cannot be hashed)
+
+
+def _open_inputs(config: SFTConfig, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
+                 formatting_func: Callable | None) -> _Inputs:
+    changes = configure_tokenizer(tokenizer, config)
+    specs = dataset_specs(config, train_dataset)
+    for spec in specs:
+        if spec.test_split and spec.path and Path(spec.path).expanduser().is_file():
+            raise DataError(f"dataset '{spec.path}' is a single file, so it has no '{spec.test_split}' split: "
+                            "use eval_ratio, or a folder with train/test files")
+    train = [open_split(spec, spec.split) for spec in specs]
+    test = [open_split(spec, spec.test_split) if spec.test_split else None for spec in specs]
+    evaluation = open_split(DatasetSpec("eval_dataset", data=eval_dataset), "") if eval_dataset is not None else None
+    stop_ids = stop_token_ids(tokenizer, config.model_name_or_path)
+    parts = {
+        "layout": CACHE_LAYOUT, "sftune": __version__, "changes": changes,
+        "settings": {name: getattr(config, name) for name in SETTINGS},
+        "tokenizer": tokenizer_fingerprint(tokenizer), "stop_ids": sorted(stop_ids),
+        "data": [s.fingerprint for s in train], "test": [s.fingerprint if s else None for s in test],
+        "eval_dataset": evaluation.fingerprint if evaluation else None,
     }
-    log.info(
-        "data: %d %s rows, %d tokens (%d trained); %d truncated to max_length, %d dropped",
-        stats["rows"], fmt, stats["tokens"], stats["trained_tokens"], truncated, dropped,
+    fingerprint: str | None = None
+    function_hash = _function_fingerprint(formatting_func)
+    if formatting_func is None or function_hash is not None:
+        parts["formatting_func"] = function_hash
+        fingerprint = hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+    return _Inputs(specs, train, test, evaluation, formatting_func, stop_ids, fingerprint)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    template = tokenizer.chat_template
+    extra = {"class": type(tokenizer).__name__, "template": template, "special": tokenizer.special_tokens_map,
+             "added": {k: str(v) for k, v in tokenizer.added_tokens_decoder.items()}}
+    digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _function_fingerprint(function: Callable | None) -> str | None:
+    if function is None:
+        return None
+    try:
+        from datasets.fingerprint import Hasher
+
+        return Hasher.hash(function)
+    except Exception:  # a function that cannot be pickled: prepare again every time
+        return None
+
+
+# ---------------------------------------------------------------- stage 2: read and normalise
+
+
+@dataclass
+class _Source:
+    label: str
+    format: str
+    rows: SourceRows  # the training split (where errors point)
+    train: list[dict]  # canonical examples
+    train_index: np.ndarray  # their rows in the source dataset
+    eval_rows: SourceRows | None = None
+    eval: list[dict] = field(default_factory=list)
+    eval_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    read: int = 0
+    weight: float | None = None
+
+
+def _read_sources(inputs: _Inputs, config: SFTConfig) -> list[_Source]:
+    sources = []
+    rng = np.random.default_rng([config.seed, 7])
+    for spec, train_split, test_split in zip(inputs.specs, inputs.train, inputs.test):
+        rows = train_split.load()
+        fmt, examples = _normalised(rows, spec, config, inputs.formatting_func)
+        index = np.arange(len(examples))
+        source = _Source(spec.label, fmt, rows, examples, index, read=len(examples), weight=spec.weight)
+        if test_split is not None:
+            test_rows = test_split.load()
+            source.eval_rows, source.eval = test_rows, _normalised(test_rows, spec, config, inputs.formatting_func)[1]
+            source.eval_index = np.arange(len(source.eval))
+        elif config.eval_ratio > 0:
+            keep, held = hold_out(len(examples), config.eval_ratio, rng)
+            source.train, source.train_index = [examples[i] for i in keep], keep
+            source.eval_rows, source.eval, source.eval_index = rows, [examples[i] for i in held], held
+        sources.append(source)
+    if inputs.eval_dataset is not None:
+        rows = inputs.eval_dataset.load()
+        spec = DatasetSpec("eval_dataset", columns=config.dataset_columns, format=config.dataset_format)
+        fmt, examples = _normalised(rows, spec, config, inputs.formatting_func)
+        sources.append(_Source("eval_dataset", fmt, rows, [], np.zeros(0, dtype=np.int64), rows, examples,
+                               np.arange(len(examples))))
+    return sources
+
+
+def _normalised(rows: SourceRows, spec: DatasetSpec, config: SFTConfig, formatting_func: Callable | None):
+    apply_formatting_func(rows, formatting_func)
+    rename_columns(rows, spec.columns)
+    fmt = detect_format(rows, config.dataset_text_field, spec.format)
+    examples = normalise(rows, fmt, config.dataset_text_field)
+    if (config.assistant_only_loss or config.last_assistant_only_loss) and not is_conversation(examples[0]):
+        flag = "assistant_only_loss" if config.assistant_only_loss else "last_assistant_only_loss"
+        raise DataError(f"{flag} is set, but dataset '{spec.label}' has {fmt} rows, not conversations: "
+                        "unset it, or use completion_only_loss for prompt/completion rows")
+    return fmt, examples
+
+
+# ---------------------------------------------------------------- stage 3: tokenize, truncate, check
+
+
+def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig,
+                      tokenizer: Any) -> tuple[list[dict[str, Documents]], dict[str, Any]]:
+    stats: dict[str, Any] = {"format": sources[0].format, "default_template": False}
+    if any(s.train and is_conversation(s.train[0]) or s.eval and is_conversation(s.eval[0]) for s in sources):
+        if not getattr(tokenizer, "chat_template", None):
+            added = use_default_template(tokenizer, keep_eos=bool(config.eos_token))
+            stats["default_template"] = True
+            log.info("data: the tokenizer has no chat template, so sftune uses ChatML (<|im_start|>role ... "
+                     "<|im_end|>) and <|im_end|> ends each turn%s", f"; added tokens {', '.join(added)}" if added else "")
+            inputs.stop_ids = stop_token_ids(tokenizer, config.model_name_or_path)
+    worker = ExampleTokenizer(tokenizer, config, inputs.stop_ids)
+    jobs = [(s, split, i) for s, source in enumerate(sources) for split in ("train", "eval")
+            for i in range(len(getattr(source, split)))]
+    results = _run_tokenizer(worker, [getattr(sources[s], split)[i] for s, split, i in jobs],
+                             config.dataset_num_proc)
+
+    checks = {name: {"rows": 0, "examples": []} for name in CHECKS}
+    dropped: dict[str, int] = {}
+    counters = {"rows_checked": 0, "turns_checked": 0, "rows_truncated": 0}
+    kept: dict[tuple[int, str], list[tuple[int, Tokenized]]] = {}
+    for (s, split, i), result in zip(jobs, results):
+        source = sources[s]
+        index = int((source.train_index if split == "train" else source.eval_index)[i])
+        origin = source.rows if split == "train" else source.eval_rows
+        if result.checked_turns:
+            counters["rows_checked"] += 1
+            counters["turns_checked"] += result.checked_turns
+        for name in {name for name, _ in result.problems}:
+            checks[name]["rows"] += 1
+            if len(checks[name]["examples"]) < EXAMPLES_PER_CHECK:
+                detail = next(d for n, d in result.problems if n == name)
+                checks[name]["examples"].append(f"{origin.where(index)}: {detail}")
+        reason = result.drop
+        if reason is None:
+            counters["rows_truncated"] += result.truncated
+            if trained_token_count(result.labels) == 0:
+                reason = "truncated_to_nothing" if result.truncated else "no_trained_tokens"
+        if reason is not None:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        kept.setdefault((s, split), []).append((index, result))
+
+    documents = []
+    for s, source in enumerate(sources):
+        per_split = {}
+        for split in ("train", "eval"):
+            items = kept.get((s, split), [])
+            per_split[split] = Documents(
+                [r.ids for _, r in items], [r.labels for _, r in items],
+                np.full(len(items), s, dtype=np.int32), np.array([i for i, _ in items], dtype=np.int64),
+            )
+        documents.append(per_split)
+    stats.update(counters, rows_dropped=dropped, template_checks=checks)
+    stats["sources"] = [
+        {"name": source.label, "format": source.format, "rows_read": source.read,
+         "train_documents": len(documents[s]["train"]), "eval_documents": len(documents[s]["eval"])}
+        for s, source in enumerate(sources)
+    ]
+    if not any(len(d["train"]) for d in documents):
+        raise DataError(_nothing_left_message(config, dropped, sum(len(s.train) for s in sources)))
+    return documents, stats
+
+
+def _run_tokenizer(worker: ExampleTokenizer, examples: list[dict], num_proc: int | None) -> list[Tokenized]:
+    if num_proc is None:
+        num_proc = _available_cores() if len(examples) >= PARALLEL_MIN_ROWS else 1
+    if num_proc <= 1 or len(examples) < 2 * num_proc:
+        return worker(examples)
+    size = -(-len(examples) // (num_proc * 16))  # many small chunks: long conversations even out across workers
+    chunks = [(i, min(i + size, len(examples))) for i in range(0, len(examples), size)]
+    worker.shape(None)  # analyse the template once, before the workers copy the tokenizer
+    global _WORKER, _EXAMPLES
+    _WORKER, _EXAMPLES = worker, examples  # forked workers read these; spawned ones get them through initargs
+    forking = "fork" in multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if forking else "spawn")
+    initargs = (None, None) if forking else (worker, examples)
+    try:
+        with context.Pool(num_proc, initializer=_set_worker, initargs=initargs) as pool:
+            parts = pool.map(_work, chunks, chunksize=1)
+    finally:
+        _WORKER = _EXAMPLES = None
+    return [result for part in parts for result in part]
+
+
+_WORKER: ExampleTokenizer | None = None
+_EXAMPLES: list[dict] | None = None
+
+
+def _set_worker(worker: ExampleTokenizer | None, examples: list[dict] | None) -> None:
+    global _WORKER, _EXAMPLES
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    if worker is not None:
+        _WORKER, _EXAMPLES = worker, examples
+
+
+def _work(chunk: tuple[int, int]) -> list[Tokenized]:
+    assert _WORKER is not None and _EXAMPLES is not None
+    return _WORKER(_EXAMPLES[chunk[0]:chunk[1]])
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _nothing_left_message(config: SFTConfig, dropped: dict[str, int], total: int) -> str:
+    why = {
+        "no_assistant_turn": "have no assistant turn to train",
+        "unlocated_turn": "have an assistant turn the chat template renders beyond recognition",
+        "truncated_to_nothing": f"keep no trained token after truncation to max_length={config.max_length} "
+                                f"(truncation_mode={config.truncation_mode}): raise max_length",
+        "no_trained_tokens": "have no token to train",
+    }
+    parts = "; ".join(f"{count} {why[reason]}" for reason, count in dropped.items())
+    return f"no training row is left: of {total} rows, {parts}"
+
+
+# ---------------------------------------------------------------- stage 4: mix, pack
+
+
+def _assemble(documents: list[dict[str, Documents]], weights: list[float | None], config: SFTConfig,
+              stats: dict[str, Any]) -> tuple[RowStore, RowStore]:
+    rng = np.random.default_rng([config.seed, 11])
+    sizes = [len(d["train"]) for d in documents]
+    shares = None
+    if any(w is not None for w in weights):  # a source without rows left (or eval-only) gets no share
+        shares = [float(w or 0.0) if size else 0.0 for w, size in zip(weights, sizes)]
+    counts = mixture_counts(sizes, shares)
+    parts = [d["train"].take(draw_rows(size, count, rng)) for d, size, count in zip(documents, sizes, counts) if count]
+    train = _join(parts)
+    evaluation = _join([d["eval"] for d in documents])
+    for source_stats, count in zip(stats["sources"], counts):
+        source_stats["mixed_documents"] = count
+
+    stores = []
+    for docs in (train, evaluation):
+        if config.packing and len(docs):
+            docs = docs.take(rng.permutation(len(docs)))  # so rows mix sources, and wrapped rows mix documents
+            stores.append(RowStore.from_plan(docs, plan_packing(docs.lengths(), config.max_length,
+                                                                config.packing_strategy)))
+        else:
+            stores.append(RowStore.unpacked(docs))
+    _describe(stores[0], stores[1], train, config, stats)
+    return stores[0], stores[1]
+
+
+def _join(parts: list[Documents]) -> Documents:
+    return Documents(
+        [x for p in parts for x in p.ids], [x for p in parts for x in p.labels],
+        np.concatenate([p.source for p in parts]) if parts else np.zeros(0, dtype=np.int32),
+        np.concatenate([p.index for p in parts]) if parts else np.zeros(0, dtype=np.int64),
     )
-    return PreparedData(rows, stats)
+
+
+def _describe(train: RowStore, evaluation: RowStore, docs: Documents, config: SFTConfig, stats: dict) -> None:
+    lengths = docs.lengths()
+    tokens = int(len(train.input_ids))
+    trained = _trained_tokens(train)
+    stats.update(
+        rows=len(train), eval_rows=len(evaluation), documents=len(docs), tokens=tokens, trained_tokens=trained,
+        trained_fraction=round(trained / max(tokens, 1), 4),
+        length_percentiles={f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
+        eval_tokens=int(len(evaluation.input_ids)), eval_trained_tokens=_trained_tokens(evaluation),
+        packing=None,
+    )
+    if train.packed:
+        stats["packing"] = {"strategy": config.packing_strategy, "length": config.max_length,
+                            "efficiency": round(tokens / max(len(train) * config.max_length, 1), 4)}
+    per_source_tokens = np.bincount(np.repeat(train.doc_source, train.doc_lengths), minlength=len(stats["sources"]))
+    for s, source_stats in enumerate(stats["sources"]):
+        source_stats["tokens"] = int(per_source_tokens[s])
+
+
+def _trained_tokens(store: RowStore) -> int:
+    """Trained targets: labels that are not masked, minus each document's first token (never predicted)."""
+    if len(store.input_ids) == 0:
+        return 0
+    starts = np.concatenate([[0], np.cumsum(store.doc_lengths)[:-1]]).astype(np.int64)
+    return int((store.labels != IGNORE_INDEX).sum() - (store.labels[starts] != IGNORE_INDEX).sum())
+
+
+def _log_stats(stats: dict[str, Any]) -> None:
+    dropped = stats["rows_dropped"]
+    dropped_text = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in dropped.items())
+    log.info("data: %d documents, %d tokens (%.1f%% trained); %d truncated to max_length; %d dropped%s",
+             stats["documents"], stats["tokens"], 100 * stats["trained_fraction"], stats["rows_truncated"],
+             sum(dropped.values()), f" ({dropped_text})" if dropped else "")
+    if stats["packing"]:
+        log.info("data: packed into %d rows of %d tokens (%.1f%% full)", stats["rows"], stats["packing"]["length"],
+                 100 * stats["packing"]["efficiency"])
+    if stats["eval_rows"]:
+        log.info("data: %d eval rows", stats["eval_rows"])
+    checks = stats["template_checks"]
+    if stats["rows_checked"]:
+        failed = {name: c for name, c in checks.items() if c["rows"]}
+        if not failed:
+            log.info("template check: passed on all %d checked rows (%d assistant turns)", stats["rows_checked"],
+                     stats["turns_checked"])
+        for name, c in failed.items():
+            log.warning("template check: %d of %d rows: %s, e.g. %s", c["rows"], stats["rows_checked"], CHECKS[name],
+                        c["examples"][0])
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def _save(folder: Path, train: RowStore, evaluation: RowStore, data: PreparedData) -> None:
+    """Write into a hidden folder, then rename it into place: a crash never leaves a half-written cache entry."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    stage = folder.parent / f".staging-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        train.save(stage, "train")
+        evaluation.save(stage, "eval")
+        (stage / "stats.json").write_text(json.dumps({"stats": data.stats, "source_names": data.source_names},
+                                                     indent=1, default=str), encoding="utf-8")
+        os.replace(stage, folder)
+    except OSError:
+        if not (folder / "stats.json").is_file():  # not a concurrent writer finishing first
+            raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _load(folder: Path) -> PreparedData:
+    saved = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+    stats = {**saved["stats"], "cached": True}
+    return PreparedData(RowStore.load(folder, "train").rows(), RowStore.load(folder, "eval").rows(), stats,
+                        saved["source_names"])

@@ -1,17 +1,24 @@
-"""Where rows come from: local files (json, jsonl, csv, parquet, arrow), folders of them, or the Hugging Face Hub.
+"""Where rows come from: local files (json, jsonl, csv, parquet, arrow), folders of them, the Hugging Face Hub,
+or a `datasets.Dataset` / list of dicts handed to the Python API; and how several sources are mixed.
 
-Every row keeps its origin (file and row number) so that an error can name it.
+Every row keeps its origin (file and row number) so that an error can name it. Every source has a fingerprint
+of its content (the bytes of its files, or the Hub dataset's own fingerprint) for the prepared-data cache.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftune.errors import DataError
+import numpy as np
+
+from sftune.config import SFTConfig
+from sftune.errors import ConfigError, DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
 SPLIT_NAMES = ("train", "test", "validation", "valid", "eval", "dev")
@@ -30,18 +37,80 @@ class SourceRows:
         return f"{origin} row {row}"
 
 
-def load_source(name: str, split: str = "train", config_name: str | None = None) -> SourceRows:
-    """Read one dataset split. A path that exists is read locally; anything else is a Hub dataset id."""
+@dataclass
+class DatasetSpec:
+    """One training source: a path or Hub id from the config, or data handed to the Python API."""
+
+    label: str  # how messages and stats name it
+    path: str | None = None
+    subset: str | None = None  # Hub configuration name
+    split: str = "train"
+    test_split: str | None = None
+    weight: float | None = None
+    columns: dict[str, str] | list[str] | None = None
+    format: str = "auto"
+    data: Any = None  # a datasets.Dataset or a list of dicts (Python API)
+
+
+@dataclass
+class OpenedSplit:
+    """A split whose content is fingerprinted; `load()` reads its rows (only on a cache miss)."""
+
+    fingerprint: str
+    load: Callable[[], SourceRows] = field(repr=False)
+
+
+def dataset_specs(config: SFTConfig, train_dataset: Any = None) -> list[DatasetSpec]:
+    """The training sources this run reads, in config order."""
+    if train_dataset is not None:
+        if config.dataset_name is not None or config.datasets:
+            raise ConfigError(
+                "a train_dataset was passed to train() and the config also names a dataset "
+                "(dataset_name / datasets): keep one of them"
+            )
+        return [DatasetSpec("train_dataset", data=train_dataset, columns=config.dataset_columns,
+                            format=config.dataset_format)]
+    if config.datasets:
+        return [
+            DatasetSpec(
+                label=entry["path"], path=entry["path"], subset=entry.get("name"),
+                split=entry.get("split", config.dataset_train_split),
+                test_split=entry.get("test_split", config.dataset_test_split),
+                weight=entry.get("weight"), columns=entry.get("columns"),
+                format=entry.get("format", config.dataset_format),
+            )
+            for entry in config.datasets
+        ]
+    return [DatasetSpec(
+        label=config.dataset_name, path=config.dataset_name, subset=config.dataset_config,
+        split=config.dataset_train_split, test_split=config.dataset_test_split,
+        columns=config.dataset_columns, format=config.dataset_format,
+    )]
+
+
+def open_split(spec: DatasetSpec, split: str) -> OpenedSplit:
+    """Fingerprint one split of a source without parsing it (local files are hashed byte by byte)."""
+    if spec.data is not None:
+        return _open_in_memory(spec.label, spec.data)
+    name = spec.path
     path = Path(name).expanduser()
     if path.is_file():
-        return _from_files(name, [path])
+        return _open_files(name, [path])
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-            return _from_saved_dataset(name, path, split)
-        return _from_files(name, _files_for_split(path, split))
+            return _open_saved_dataset(name, path, split)
+        return _open_files(name, _files_for_split(path, split))
     if path.suffix.lower() in LOCAL_SUFFIXES or name.startswith((".", "/", "~")):
         raise DataError(f"dataset '{name}' does not exist: check the path in dataset_name")
-    return _from_hub(name, split, config_name)
+    return _open_hub(name, split, spec.subset)
+
+
+def load_source(name: str, split: str = "train", config_name: str | None = None) -> SourceRows:
+    """Read one dataset split. A path that exists is read locally; anything else is a Hub dataset id."""
+    return open_split(DatasetSpec(label=name, path=name, subset=config_name), split).load()
+
+
+# ---------------------------------------------------------------- opening each kind of source
 
 
 def _files_for_split(folder: Path, split: str) -> list[Path]:
@@ -70,19 +139,29 @@ def _split_of(path: Path) -> str | None:
     return None
 
 
-def _from_files(name: str, files: list[Path]) -> SourceRows:
+def _open_files(name: str, files: list[Path]) -> OpenedSplit:
     suffixes = {p.suffix.lower() for p in files}
     if len(suffixes) > 1:
         raise DataError(f"dataset '{name}' mixes file types ({', '.join(sorted(suffixes))}): keep one type per dataset")
-    rows: list[dict[str, Any]] = []
-    origins: list[tuple[str, int]] = []
+    digest = hashlib.blake2b(digest_size=16)
     for path in files:
-        file_rows = _read_file(path)
-        rows.extend(file_rows)
-        origins.extend((str(path), i + 1) for i in range(len(file_rows)))
-    if not rows:
-        raise DataError(f"dataset '{name}' is empty: no rows in {', '.join(str(p) for p in files)}")
-    return SourceRows(name, rows, origins)
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+
+    def load() -> SourceRows:
+        rows: list[dict[str, Any]] = []
+        origins: list[tuple[str, int]] = []
+        for path in files:
+            file_rows = _read_file(path)
+            rows.extend(file_rows)
+            origins.extend((str(path), i + 1) for i in range(len(file_rows)))
+        if not rows:
+            raise DataError(f"dataset '{name}' is empty: no rows in {', '.join(str(p) for p in files)}")
+        return SourceRows(name, rows, origins)
+
+    return OpenedSplit("files:" + digest.hexdigest(), load)
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
@@ -136,7 +215,7 @@ def _read_json_document(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-def _from_saved_dataset(name: str, path: Path, split: str) -> SourceRows:
+def _open_saved_dataset(name: str, path: Path, split: str) -> OpenedSplit:
     from datasets import DatasetDict, load_from_disk
 
     data = load_from_disk(str(path))
@@ -144,11 +223,10 @@ def _from_saved_dataset(name: str, path: Path, split: str) -> SourceRows:
         if split not in data:
             raise DataError(f"dataset '{name}' has no split '{split}' (splits: {', '.join(data)})")
         data = data[split]
-    rows = data.to_list()
-    return SourceRows(name, rows, [(name, i + 1) for i in range(len(rows))])
+    return OpenedSplit("saved:" + data._fingerprint, lambda: _rows_of_dataset(data, name))
 
 
-def _from_hub(name: str, split: str, config_name: str | None) -> SourceRows:
+def _open_hub(name: str, split: str, config_name: str | None) -> OpenedSplit:
     import datasets
 
     try:
@@ -163,5 +241,74 @@ def _from_hub(name: str, split: str, config_name: str | None) -> SourceRows:
             f"dataset '{name}' is not a local file or folder, and loading it from the Hugging Face Hub failed "
             f"({first_line}); check the name, your network, or pass a local path"
         ) from None
+    # A Hub dataset's fingerprint is derived from its files' hashes, so it changes when the data does.
+    return OpenedSplit("hub:" + data._fingerprint, lambda: _rows_of_dataset(data, f"{name}[{split}]"))
+
+
+def _open_in_memory(label: str, data: Any) -> OpenedSplit:
+    if isinstance(data, list):
+        if not all(isinstance(row, dict) for row in data):
+            raise DataError(f"{label}: expected a list of dicts (one per row) or a datasets.Dataset")
+        digest = hashlib.blake2b(json.dumps(data, sort_keys=True, default=str).encode(), digest_size=16)
+        rows = data
+        return OpenedSplit("list:" + digest.hexdigest(), lambda: SourceRows(label, rows, _row_origins(label, rows)))
+    if hasattr(data, "to_list") and hasattr(data, "data"):  # a datasets.Dataset
+        return OpenedSplit("dataset:" + _dataset_content_hash(data), lambda: _rows_of_dataset(data, label))
+    raise DataError(f"{label}: expected a datasets.Dataset or a list of dicts, got {type(data).__name__}")
+
+
+def _dataset_content_hash(data: Any) -> str:
+    """Hash the Arrow buffers of an in-memory Dataset (its own fingerprint may be random for in-memory data)."""
+    digest = hashlib.blake2b(digest_size=16)
+    if data._indices is not None:  # a selection or shuffle: hash the rows it shows, in order
+        data = data.flatten_indices()
+    table = data.data.table
+    digest.update(str(table.schema).encode())
+    for batch in table.to_batches():
+        for column in batch.columns:
+            for buffer in column.buffers():
+                if buffer is not None:
+                    digest.update(memoryview(buffer))
+    return digest.hexdigest()
+
+
+def _rows_of_dataset(data: Any, label: str) -> SourceRows:
     rows = data.to_list()
-    return SourceRows(name, rows, [(f"{name}[{split}]", i + 1) for i in range(len(rows))])
+    if not rows:
+        raise DataError(f"dataset '{label}' is empty")
+    return SourceRows(label, rows, _row_origins(label, rows))
+
+
+def _row_origins(label: str, rows: list) -> list[tuple[str, int]]:
+    return [(label, i + 1) for i in range(len(rows))]
+
+
+# ---------------------------------------------------------------- mixing and holding out
+
+
+def hold_out(count: int, ratio: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Split row indices 0..count-1 into (train, eval), eval a seeded `ratio` of them (at least one if ratio > 0)."""
+    order = rng.permutation(count)
+    n_eval = min(count - 1, max(1, round(count * ratio))) if ratio > 0 and count > 1 else 0
+    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+
+
+def mixture_counts(sizes: list[int], weights: list[float] | None) -> list[int]:
+    """Rows each source contributes to one epoch. Without weights: all of them. With weights: the epoch keeps the
+    total row count of all sources, shared out in proportion to the weights (by rows, not tokens)."""
+    if weights is None:
+        return list(sizes)
+    total, weight_sum = sum(sizes), sum(weights)
+    exact = [total * w / weight_sum for w in weights]
+    counts = [int(x) for x in exact]
+    # hand the rows lost to rounding down to the largest remainders, so the counts add up to the total
+    for i in sorted(range(len(exact)), key=lambda i: exact[i] - counts[i], reverse=True)[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def draw_rows(size: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` row indices from 0..size-1: whole seeded passes over the rows, then a seeded sample of the rest."""
+    passes, rest = divmod(count, size)
+    parts = [np.arange(size)] * passes + [np.sort(rng.permutation(size)[:rest])]
+    return np.concatenate(parts).astype(np.int64)

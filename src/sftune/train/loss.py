@@ -42,6 +42,7 @@ class CausalLMWithLoss(nn.Module):
         targets: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        source_ids: torch.Tensor | None = None,  # per-target source dataset, from the collator; not used yet
     ) -> dict[str, torch.Tensor]:
         causal_lm = self.causal_lm
         backbone = getattr(causal_lm, causal_lm.base_model_prefix)
