@@ -215,3 +215,65 @@ def test_inspect_prints_statistics_examples_and_writes_jsonl(tiny_model_dir, tmp
 
     again = subprocess.run(command[:-2], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "using the prepared data cached in" in again.stderr
+
+
+def test_chat_template_path_is_used_and_saved_with_the_model(tiny_model_dir, chat_jsonl, tmp_path):
+    from transformers import AutoTokenizer
+
+    from test_masks import LLAMA2_TEMPLATE
+
+    template = tmp_path / "llama2.jinja"
+    template.write_text(LLAMA2_TEMPLATE)
+    config = SFTConfig(model_name_or_path=str(tiny_model_dir), dataset_name=str(chat_jsonl),
+                       output_dir=str(tmp_path / "run"), max_steps=1, assistant_only_loss=True,
+                       chat_template_path=str(template))
+    result = train(config)
+    assert AutoTokenizer.from_pretrained(result.output_dir).chat_template == LLAMA2_TEMPLATE
+    assert result.data_stats["rows_checked"] == 32
+    with pytest.raises(ConfigError, match="'chat_template_path' = .*no such file"):
+        prepare_train_data(config_for(chat_jsonl, chat_template_path=str(tmp_path / "missing.jinja")), build_tokenizer())
+
+
+def test_a_template_that_writes_the_bos_gets_no_second_one(tmp_path):
+    from tokenizers import processors
+
+    tokenizer = build_tokenizer("{{ bos_token }}" + build_tokenizer().chat_template)
+    tokenizer.bos_token = "<|endoftext|>"
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    data = prepare_train_data(config_for(write_jsonl(tmp_path / "c.jsonl", conversations(4))), tokenizer)
+    for row in data.train_rows:
+        assert row["input_ids"][0] == bos and row["input_ids"].tolist().count(bos) == 1
+
+
+def test_highlighting_in_colour_and_in_brackets():
+    from sftune.inspect import TRAINED_OFF, TRAINED_ON, highlight
+
+    tokenizer = build_tokenizer()
+    ids = np.array(tokenizer("hello world how are you", add_special_tokens=False)["input_ids"])
+    labels = np.full_like(ids, -100)
+    labels[-2:] = ids[-2:]
+    tail = tokenizer.decode(ids[-2:].tolist())
+    assert highlight(tokenizer, ids, labels, colour=False).endswith(f"[[{tail}]]")
+    assert highlight(tokenizer, ids, labels, colour=True).endswith(f"{TRAINED_ON}{tail}{TRAINED_OFF}")
+
+
+def test_hub_datasets_are_fingerprinted_by_datasets(monkeypatch):
+    """The Hub is out of reach here: stand a local Dataset in for load_dataset and check the path around it."""
+    import datasets
+
+    from sftune.data.sources import DatasetSpec, open_split
+
+    served = datasets.Dataset.from_list([{"text": t} for t in corpus(5)])
+    calls = []
+
+    def load_dataset(name, subset, split):
+        calls.append((name, subset, split))
+        return served
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    opened = open_split(DatasetSpec("org/data", path="org/data", subset="en"), "train")
+    assert calls == [("org/data", "en", "train")] and opened.fingerprint == "hub:" + served._fingerprint
+    rows = opened.load()
+    assert rows.rows == served.to_list() and rows.where(2) == "org/data[train] row 3"

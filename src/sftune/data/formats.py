@@ -29,14 +29,15 @@ SHAREGPT_ROLES = {
 }
 
 
-def apply_formatting_func(source: SourceRows, formatting_func: Callable[[dict], Any] | None) -> None:
+def apply_formatting_func(source: SourceRows, formatting_func: Callable[[dict], Any] | None,
+                          text_field: str = "text") -> None:
     """A user function from row to text (a text row) or to a dict (a row in any format), applied in place."""
     if formatting_func is None:
         return
     for i, row in enumerate(source.rows):
         out = formatting_func(row)
         if isinstance(out, str):
-            source.rows[i] = {"text": out}
+            source.rows[i] = {text_field: out}
         elif isinstance(out, dict):
             source.rows[i] = out
         else:

@@ -111,7 +111,7 @@ def prepare_documents(config: SFTConfig, tokenizer: Any, limit: int | None = Non
     if limit is not None:
         for source in sources:
             source.train, source.train_index, source.eval = source.train[:limit], source.train_index[:limit], []
-    documents, _ = _tokenize_sources(sources, inputs, config, tokenizer)
+    documents, _ = _tokenize_sources(sources, inputs, config, tokenizer, require_rows=False)
     return [d["train"] for d in documents], [s.rows for s in sources]
 
 
@@ -225,7 +225,7 @@ def _read_sources(inputs: _Inputs, config: SFTConfig) -> list[_Source]:
 
 
 def _normalised(rows: SourceRows, spec: DatasetSpec, config: SFTConfig, formatting_func: Callable | None):
-    apply_formatting_func(rows, formatting_func)
+    apply_formatting_func(rows, formatting_func, config.dataset_text_field)
     rename_columns(rows, spec.columns)
     fmt = detect_format(rows, config.dataset_text_field, spec.format)
     examples = normalise(rows, fmt, config.dataset_text_field)
@@ -239,8 +239,8 @@ def _normalised(rows: SourceRows, spec: DatasetSpec, config: SFTConfig, formatti
 # ---------------------------------------------------------------- stage 3: tokenize, truncate, check
 
 
-def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig,
-                      tokenizer: Any) -> tuple[list[dict[str, Documents]], dict[str, Any]]:
+def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig, tokenizer: Any,
+                      require_rows: bool = True) -> tuple[list[dict[str, Documents]], dict[str, Any]]:
     stats: dict[str, Any] = {"format": sources[0].format, "default_template": False}
     if any(s.train and is_conversation(s.train[0]) or s.eval and is_conversation(s.eval[0]) for s in sources):
         if not getattr(tokenizer, "chat_template", None):
@@ -257,6 +257,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
 
     checks = {name: {"rows": 0, "examples": []} for name in CHECKS}
     dropped: dict[str, int] = {}
+    dropped_from_training: dict[str, int] = {}
     counters = {"rows_checked": 0, "turns_checked": 0, "rows_truncated": 0}
     kept: dict[tuple[int, str], list[tuple[int, Tokenized]]] = {}
     for (s, split, i), result in zip(jobs, results):
@@ -278,6 +279,8 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
                 reason = "truncated_to_nothing" if result.truncated else "no_trained_tokens"
         if reason is not None:
             dropped[reason] = dropped.get(reason, 0) + 1
+            if split == "train":
+                dropped_from_training[reason] = dropped_from_training.get(reason, 0) + 1
             continue
         kept.setdefault((s, split), []).append((index, result))
 
@@ -297,8 +300,8 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
          "train_documents": len(documents[s]["train"]), "eval_documents": len(documents[s]["eval"])}
         for s, source in enumerate(sources)
     ]
-    if not any(len(d["train"]) for d in documents):
-        raise DataError(_nothing_left_message(config, dropped, sum(len(s.train) for s in sources)))
+    if require_rows and not any(len(d["train"]) for d in documents):
+        raise DataError(_nothing_left_message(config, dropped_from_training, sum(len(s.train) for s in sources)))
     return documents, stats
 
 

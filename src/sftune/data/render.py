@@ -78,7 +78,7 @@ class ExampleTokenizer:
         self.byte_lengths = byte_lengths(tokenizer)
 
     def shape(self, kwargs: dict[str, Any] | None) -> TemplateShape:
-        key = json.dumps(kwargs or {}, sort_keys=True, default=str)
+        key = json.dumps(kwargs, sort_keys=True, default=str) if kwargs else ""
         if key not in self._shapes:
             self._shapes[key] = analyse_template(self.tokenizer, kwargs, self.stop_ids)
         return self._shapes[key]

@@ -125,7 +125,7 @@ def _files_for_split(folder: Path, split: str) -> list[Path]:
         found = sorted({s for s in named.values() if s})
         raise DataError(
             f"dataset folder '{folder}' has no files for split '{split}' (found splits: {', '.join(found)}); "
-            "set dataset_train_split"
+            "set dataset_train_split or dataset_test_split"
         )
     return chosen
 

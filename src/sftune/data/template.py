@@ -194,8 +194,14 @@ def _fast_template(template: str) -> Any:
         sandbox_getattr = type(base).getattr
 
         def getattr_(obj: Any, attribute: str) -> Any:
-            if type(obj) is dict and attribute in obj and attribute not in DICT_ATTRIBUTES:
+            kind = type(obj)
+            if kind is dict and attribute in obj and attribute not in DICT_ATTRIBUTES:
                 return obj[attribute]  # what the sandbox returns after getattr fails
+            if decided.get((kind, attribute)) and attribute not in ("format", "format_map"):
+                try:  # an attribute the sandbox already allowed on this type (str.format it wraps: not here)
+                    return getattr(obj, attribute)
+                except AttributeError:
+                    pass
             return sandbox_getattr(overlay, obj, attribute)  # the sandbox's own rules, with the memoised checks
 
         overlay.is_safe_attribute = is_safe_attribute
