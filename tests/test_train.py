@@ -99,7 +99,7 @@ def test_our_loss_equals_transformers_loss(tiny_model_dir, chat_jsonl):
 
     from sftune.data.collate import pad_batch
     from sftune.data.prepare import prepare_train_data
-    from sftune.train.loss import CausalLMWithLoss
+    from sftune.training.loss import CausalLMWithLoss
 
     config = tiny_config(tiny_model_dir, chat_jsonl, "unused")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -69,7 +69,7 @@ def train(config: SFTConfig) -> TrainResult:
     from sftune.data.prepare import prepare_train_data
     from sftune.export.save import save_model
     from sftune.model.load import load_model, load_tokenizer
-    from sftune.train.loop import Trainer
+    from sftune.training.loop import Trainer
 
     setup_logging()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

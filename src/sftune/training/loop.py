@@ -21,9 +21,9 @@ import torch
 from sftune.config import SFTConfig
 from sftune.data.order import epoch_order
 from sftune.data.render import IGNORE_INDEX
-from sftune.train.loss import CausalLMWithLoss
-from sftune.train.optim import build_optimizer, build_scheduler
-from sftune.train.report import Reporter
+from sftune.training.loss import CausalLMWithLoss
+from sftune.training.optim import build_optimizer, build_scheduler
+from sftune.training.report import Reporter
 
 
 class Trainer:
