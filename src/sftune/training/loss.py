@@ -187,6 +187,8 @@ class CausalLMWithLoss(nn.Module):
         self.dft = loss_type == "dft"
         self.chunk_tokens = chunk_tokens
         self.transform = logit_transform(model)
+        # FSDP's auto-wrap policy reads the layer classes that must not be split from the root module
+        self._no_split_modules = getattr(self.causal_lm, "_no_split_modules", None)
 
     @property
     def causal_lm(self) -> nn.Module:
