@@ -13,6 +13,7 @@ from sftune.data.collate import make_collator, pad_batch, position_batch
 from sftune.data.order import epoch_order
 from sftune.data.pack import plan_packing
 from sftune.data.rows import Documents, RowStore
+from sftune.training.loss import CausalLMWithLoss
 
 
 def pack(sequences: list[list[int]], capacity: int, strategy: str) -> tuple[list[list[int]], list[list[int]]]:
@@ -133,15 +134,17 @@ def test_packed_logits_equal_each_document_alone(attention, architecture, join):
 def test_packed_loss_equals_token_weighted_unpacked_loss(attention):
     model = build_model(64).float()
     model.set_attn_implementation(attention)
-    # imported here: importing the sftune.train package at module level would hide the sftune.train function
-    from sftune.train.loss import CausalLMWithLoss
+    wrapped = CausalLMWithLoss(model)
 
-    loss_model = CausalLMWithLoss(model)
+    def loss_model(batch):
+        batch.pop("source_ids")  # the loop takes these out for its per-source report
+        return wrapped(**batch)
+
     docs = documents(64)
-    packed = loss_model(**position_batch(packed_rows(docs), pad_token_id=0, join=False))
-    joined = loss_model(**position_batch(packed_rows(docs), pad_token_id=0, join=True))
-    padded = loss_model(**pad_batch(docs, pad_token_id=0))
-    separate = [loss_model(**pad_batch([d], pad_token_id=0)) for d in docs]
+    packed = loss_model(position_batch(packed_rows(docs), pad_token_id=0, join=False))
+    joined = loss_model(position_batch(packed_rows(docs), pad_token_id=0, join=True))
+    padded = loss_model(pad_batch(docs, pad_token_id=0))
+    separate = [loss_model(pad_batch([d], pad_token_id=0)) for d in docs]
     total = sum(s["loss_sum"] for s in separate)
     tokens = sum(int(s["num_tokens"]) for s in separate)
     assert tokens == int(packed["num_tokens"]) == int(joined["num_tokens"]) == int(padded["num_tokens"])

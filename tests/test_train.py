@@ -99,12 +99,13 @@ def test_our_loss_equals_transformers_loss(tiny_model_dir, chat_jsonl):
 
     from sftune.data.collate import pad_batch
     from sftune.data.prepare import prepare_train_data
-    from sftune.train.loss import CausalLMWithLoss
+    from sftune.training.loss import CausalLMWithLoss
 
     config = tiny_config(tiny_model_dir, chat_jsonl, "unused")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = prepare_train_data(config, tokenizer).train_rows[:4]
     batch = pad_batch(rows, tokenizer.pad_token_id)
+    batch.pop("source_ids")  # the loop takes these out for its per-source report
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     out = CausalLMWithLoss(model)(**batch)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -169,3 +170,12 @@ def test_dtype_and_attention_implementation(tiny_model_dir, chat_jsonl, tmp_path
     assert result.model.config._attn_implementation == "eager"
     assert np.isfinite(step_losses(result)).all()
     assert AutoModelForCausalLM.from_pretrained(result.output_dir, dtype="auto").dtype == torch.bfloat16
+
+
+def test_public_train_is_the_function_even_after_importing_the_training_package():
+    import importlib
+
+    import sftune
+    import sftune.training.loop  # noqa: F401  (a subpackage import must not shadow sftune.train)
+
+    assert callable(importlib.import_module("sftune").train) and sftune.train.__doc__.startswith("Fine-tune")

@@ -306,8 +306,8 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
 
 
 def _run_tokenizer(worker: ExampleTokenizer, examples: list[dict], num_proc: int | None) -> list[Tokenized]:
-    if num_proc is None:
-        num_proc = _available_cores() if len(examples) >= PARALLEL_MIN_ROWS else 1
+    if num_proc is None:  # one process per core, each with at least PARALLEL_MIN_ROWS / 2 rows
+        num_proc = min(_available_cores(), len(examples) * 2 // PARALLEL_MIN_ROWS) or 1
     if num_proc <= 1 or len(examples) < 2 * num_proc:
         return worker(examples)
     size = -(-len(examples) // (num_proc * 16))  # many small chunks: long conversations even out across workers
