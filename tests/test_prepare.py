@@ -69,7 +69,7 @@ def test_mixture_weights_share_out_rows(tmp_path):
     plain = prepare_train_data(SFTConfig(model_name_or_path="tiny", datasets=[{"path": str(a)}, {"path": str(b)}]),
                                tokenizer)
     assert np.bincount([r["source"] for r in plain.train_rows]).tolist() == [30, 10]
-    assert plain.source_names == [str(a), str(b)]
+    assert plain.source_names == ["a", "b"] and plain.stats["sources"][0]["name"] == str(a)
 
     weighted = prepare_train_data(SFTConfig(model_name_or_path="tiny", datasets=[
         {"path": str(a), "weight": 1}, {"path": str(b), "weight": 3}]), tokenizer)
@@ -277,3 +277,16 @@ def test_hub_datasets_are_fingerprinted_by_datasets(monkeypatch):
     assert calls == [("org/data", "en", "train")] and opened.fingerprint == "hub:" + served._fingerprint
     rows = opened.load()
     assert rows.rows == served.to_list() and rows.where(2) == "org/data[train] row 3"
+
+
+def test_eval_rows_and_source_names_reach_evaluation(tmp_path, tiny_model_dir):
+    a = write_jsonl(tmp_path / "chat.jsonl", conversations(24, seed=1))
+    b = write_jsonl(tmp_path / "more" / "chat.jsonl", conversations(24, seed=2))
+    config = SFTConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(tmp_path / "run"), max_steps=2,
+                       datasets=[{"path": str(a)}, {"path": str(b)}], eval_ratio=0.25, eval_strategy="steps",
+                       eval_steps=2, per_device_train_batch_size=4, assistant_only_loss=True, packing=True,
+                       max_length=128)
+    result = train(config)
+    assert result.data_stats["eval_rows"] > 0
+    evaluation = next(entry for entry in result.history if "eval_loss" in entry)
+    assert {"eval_loss/chat", "eval_loss/chat#2"} <= set(evaluation)

@@ -33,6 +33,7 @@ from sftune.data.render import CHECKS, IGNORE_INDEX, ExampleTokenizer, Tokenized
 from sftune.data.rows import Documents, RowStore
 from sftune.data.sources import (
     DatasetSpec, OpenedSplit, SourceRows, dataset_specs, draw_rows, hold_out, mixture_counts, open_split,
+    source_names,
 )
 from sftune.data.template import configure_tokenizer, stop_token_ids, use_default_template
 from sftune.errors import DataError
@@ -94,7 +95,8 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
     documents, stats = _tokenize_sources(sources, inputs, config, tokenizer)
     train, evaluation = _assemble(documents, [s.weight for s in sources], config, stats)
     stats["seconds"] = round(time.perf_counter() - started, 3)
-    data = PreparedData(train.rows(), evaluation.rows(), stats, [s.label for s in sources])
+    names = source_names(inputs.specs) + (["eval_dataset"] if inputs.eval_dataset is not None else [])
+    data = PreparedData(train.rows(), evaluation.rows(), stats, names)
     _log_stats(stats)
     if folder is not None:
         _save(folder, train, evaluation, data)

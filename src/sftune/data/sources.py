@@ -60,6 +60,20 @@ class OpenedSplit:
     load: Callable[[], SourceRows] = field(repr=False)
 
 
+def source_names(specs: list[DatasetSpec]) -> list[str]:
+    """Short, unique names for metrics and logs: a local file's or folder's name without suffix, else the Hub id."""
+    names: list[str] = []
+    for spec in specs:
+        path = Path(spec.path).expanduser() if spec.path else None
+        name = (path.name.split(".")[0] or spec.label) if path is not None and path.exists() else spec.label
+        unique, number = name, 1
+        while unique in names:
+            number += 1
+            unique = f"{name}#{number}"
+        names.append(unique)
+    return names
+
+
 def dataset_specs(config: SFTConfig, train_dataset: Any = None) -> list[DatasetSpec]:
     """The training sources this run reads, in config order."""
     if train_dataset is not None:
