@@ -83,7 +83,6 @@ def train(config: SFTConfig) -> TrainResult:
 
     from sftune.data.collate import make_collator
     from sftune.data.prepare import prepare_train_data
-    from sftune.export.save import save_model
     from sftune.model.load import load_model, load_tokenizer
     from sftune.training.checkpoint import list_checkpoints, resolve_resume_path
     from sftune.training.loop import Trainer
@@ -123,9 +122,6 @@ def train(config: SFTConfig) -> TrainResult:
     history = trainer.fit()
     seconds = time.perf_counter() - started
 
-    model = trainer.model
-    if accelerator.is_main_process:
-        save_model(model, tokenizer, output_dir)
-        log.info("saved the model to %s (%.0f s of training)", output_dir, seconds)
-    accelerator.wait_for_everyone()
-    return TrainResult(output_dir, history, trainer.step, data.stats, seconds, model, tokenizer)
+    trainer.save_final_model()
+    log.info("saved the model to %s (%.0f s of training)", output_dir, seconds)
+    return TrainResult(output_dir, history, trainer.step, data.stats, seconds, trainer.model, tokenizer)

@@ -29,8 +29,12 @@ def staged_into(target: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def save_model(model: Any, tokenizer: Any, output_dir: Path) -> None:
-    """Weights as safetensors, config, generation config, and the tokenizer with its chat template."""
+def save_model(model: Any, tokenizer: Any, output_dir: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """Weights as safetensors, config, generation config, and the tokenizer with its chat template.
+
+    `state_dict` gives the full weights when the model in memory is sharded (FSDP, DeepSpeed ZeRO-3).
+    """
     with staged_into(output_dir) as stage:
-        model.save_pretrained(stage)
+        # save_pretrained empties a state_dict it is given (transformers 5), so it gets a copy
+        model.save_pretrained(stage, **({"state_dict": dict(state_dict)} if state_dict is not None else {}))
         tokenizer.save_pretrained(stage)
