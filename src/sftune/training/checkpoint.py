@@ -128,6 +128,12 @@ def publish_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             stage.rename(final)
+    except OSError as err:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise UserError(
+            f"could not write checkpoint-{step} in {stage.parent} ({err.strerror or err}); the earlier checkpoints "
+            "are untouched: free some space, then continue with resume_from_checkpoint: true"
+        ) from None
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

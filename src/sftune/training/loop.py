@@ -24,7 +24,7 @@ import torch
 from sftune.config import CONFIG_FILENAME, SFTConfig
 from sftune.data.order import epoch_order
 from sftune.data.render import IGNORE_INDEX
-from sftune.errors import TrainingError, TrainingInterrupted
+from sftune.errors import TrainingError, TrainingInterrupted, UserError
 from sftune.export.save import save_model
 from sftune.generation import greedy_answer
 from sftune.training import checkpoint, sharded
@@ -273,7 +273,13 @@ class Trainer:
         """The trained model (or adapter) and tokenizer into output_dir; every process must call this."""
         state_dict = sharded.full_state_dict(self.accelerator, self.loss_model)
         if self.accelerator.is_main_process:
-            save_model(self.model, self.tokenizer, self.output_dir, state_dict)
+            try:
+                save_model(self.model, self.tokenizer, self.output_dir, state_dict)
+            except OSError as err:
+                raise UserError(
+                    f"could not save the model to {self.output_dir} ({err.strerror or err}); files already there are "
+                    "untouched, and the checkpoints (if any) can be resumed with resume_from_checkpoint: true"
+                ) from None
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ stopping on a signal
