@@ -169,3 +169,11 @@ def test_dtype_and_attention_implementation(tiny_model_dir, chat_jsonl, tmp_path
     assert result.model.config._attn_implementation == "eager"
     assert np.isfinite(step_losses(result)).all()
     assert AutoModelForCausalLM.from_pretrained(result.output_dir, dtype="auto").dtype == torch.bfloat16
+
+
+def test_the_train_function_keeps_its_name_after_training_modules_load():
+    """`sftune.train` is both the public function and the subpackage of the loop: the function must win."""
+    import sftune
+    import sftune.train.loop  # noqa: F401
+
+    assert callable(sftune.train) and sftune.train.__module__ == "sftune"

@@ -24,8 +24,21 @@ class TrainResult:
     global_step: int
     data_stats: dict[str, Any]
     train_seconds: float
-    model: Any = field(repr=False, default=None)
+    model: Any = field(repr=False, default=None)  # a peft model when training adapters
     tokenizer: Any = field(repr=False, default=None)
+    processor: Any = field(repr=False, default=None)  # vision-language models only
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current sys.stderr, not the one at set-up (pytest and notebooks replace it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def setup_logging() -> None:
@@ -33,7 +46,7 @@ def setup_logging() -> None:
 
     hf_logging.disable_progress_bar()  # our own log says what is loading and saving; one progress bar is enough
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[sftune] %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -68,7 +81,8 @@ def train(config: SFTConfig) -> TrainResult:
     from sftune.data.collate import make_collator
     from sftune.data.prepare import prepare_train_data
     from sftune.export.save import save_model
-    from sftune.model.load import load_model, load_tokenizer
+    from sftune.model.adapters import prepare_for_training
+    from sftune.model.load import load_model, load_processor, load_tokenizer
     from sftune.train.loop import Trainer
 
     setup_logging()
@@ -78,10 +92,13 @@ def train(config: SFTConfig) -> TrainResult:
         output_dir = claim_output_dir(config)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
+    if config.use_peft and config.learning_rate_is_default:
+        log.info("learning_rate: %g, the default with use_peft (set learning_rate to change it)", config.learning_rate)
 
-    tokenizer = load_tokenizer(config)
+    processor = load_processor(config)  # None for text-only models
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
     data = prepare_train_data(config, tokenizer)
-    model = load_model(config)
+    model = prepare_for_training(load_model(config, device=accelerator.device), config)
     trainer = Trainer(model, data.rows, config, accelerator, output_dir, make_collator(config, tokenizer))
     log.info(
         "training: %d steps (%d per epoch), %d rows per step (%d x %d accumulation x %d processes)",
@@ -94,7 +111,8 @@ def train(config: SFTConfig) -> TrainResult:
 
     model = trainer.model
     if accelerator.is_main_process:
-        save_model(model, tokenizer, output_dir)
-        log.info("saved the model to %s (%.0f s of training)", output_dir, seconds)
+        save_model(model, processor or tokenizer, output_dir)
+        what = "adapter" if config.use_peft else "model"
+        log.info("saved the %s to %s (%.0f s of training)", what, output_dir, seconds)
     accelerator.wait_for_everyone()
-    return TrainResult(output_dir, history, trainer.step, data.stats, seconds, model, tokenizer)
+    return TrainResult(output_dir, history, trainer.step, data.stats, seconds, model, tokenizer, processor)
