@@ -171,6 +171,27 @@ def test_variants_train_and_merge_exactly(variant, tiny_model_dir, chat_jsonl, t
     assert difference < 1e-5
 
 
+def test_a_tied_head_trained_in_full_stays_tied(chat_jsonl, tmp_path):
+    """SmolLM2-like tied embeddings with lm_head in lora_modules_to_save: one trained matrix, merged still tied."""
+    from conftest import build_model, build_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from sftune.model.adapters import merge_adapter
+
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tied")
+    build_model(len(tokenizer), tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id).save_pretrained(tmp_path / "tied")
+    result = train(lora_config(tmp_path / "tied", chat_jsonl, tmp_path / "run", max_steps=2,
+                               lora_modules_to_save=["lm_head"]))
+    fully_trained = [n for n, p in result.model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert len(fully_trained) == 1
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(result.output_dir, tmp_path / "merged"))
+    assert merged.config.tie_word_embeddings and merged.lm_head.weight is merged.model.embed_tokens.weight
+    ids = torch.tensor([result.tokenizer.encode("hello world how are you")])
+    assert (logits_of(merged, ids) - logits_of(result.model, ids)).abs().max() < 1e-5
+
+
 def test_continue_from_an_adapter(lora_run, tiny_model_dir, chat_jsonl, tmp_path):
     first = load_file(lora_run.output_dir / "adapter_model.safetensors")
     # the adapter's own rank wins over lora_r; training starts from its trained weights
@@ -194,6 +215,12 @@ def test_adapter_errors_are_clear(lora_run, tiny_model_dir, chat_jsonl, tmp_path
         train(lora_config(tiny_model_dir, chat_jsonl, tmp_path / "b", lora_target_modules=["no_such_proj"]))
     with pytest.raises(UserError, match="could not load the adapter"):
         train(lora_config(tiny_model_dir, chat_jsonl, tmp_path / "c", adapter_name_or_path=str(tmp_path / "none")))
+
+
+def test_adapters_take_the_dtype_of_the_model(tiny_model_dir):
+    config = SFTConfig(model_name_or_path=str(tiny_model_dir), dataset_name="unused", use_peft=True, dtype="bfloat16")
+    model = prepare_for_training(load_model(config), config)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
 
 
 def test_default_targets_are_the_attention_projections(tiny_llava_dir):

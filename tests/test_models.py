@@ -13,7 +13,7 @@ import torch
 from sftune import SFTConfig, train
 from sftune.config import CONFIG_FILENAME
 from sftune.errors import ConfigError, UserError
-from sftune.model.adapters import prepare_for_training
+from sftune.model.adapters import parameter_counts, prepare_for_training
 from sftune.model.load import load_model, load_processor, load_tokenizer, model_class_of
 from sftune.train.loss import CausalLMWithLoss
 
@@ -141,6 +141,7 @@ def test_quantized_base_trains_adapters(settings, tiny_model_dir, chat_jsonl, tm
         assert base.weight.quant_state.nested == settings.get("use_bnb_nested_quant", False)
     else:
         assert isinstance(base, bnb.nn.Linear8bitLt)
+    assert parameter_counts(result.model) == (14_336, 139_584)  # as unquantized: 4-bit weights count unpacked
     # adapters in the compute dtype; the frozen base unchanged by training
     assert {p.dtype for p in result.model.parameters() if p.requires_grad} == {expected}
     fresh = load_model(run_config(tiny_model_dir, chat_jsonl, tmp_path / "x", use_peft=True, **settings))

@@ -70,7 +70,7 @@ class SFTConfig:
         None, "Load the model and tokenizer from this GGUF file inside model_name_or_path (dequantized).", "model"
     )
     model_init_kwargs: dict | None = _opt(
-        None, "Extra keyword arguments for from_pretrained (JSON on the command line), e.g. {\"device_map\": \"auto\"}.",
+        None, "Extra keyword arguments for from_pretrained, such as config overrides (JSON on the command line).",
         "model",
     )
     gradient_checkpointing: bool = _opt(
@@ -190,7 +190,6 @@ class SFTConfig:
         need(self.lora_r >= 1, "lora_r", "must be >= 1")
         need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
-        need(self.gguf_file is None or bool(self.gguf_file), "gguf_file", "must be a file name")
         for key in ("adapter_name_or_path", "load_in_4bit", "load_in_8bit"):
             need(
                 not getattr(self, key) or self.use_peft, key,

@@ -22,12 +22,13 @@ from sftune.config import CONFIG_FILENAME, SFTConfig, load_config
 from sftune.errors import UserError
 from sftune.model.load import (
     IMAGE_TEXT_TO_TEXT,
-    first_line,
     compute_dtype,
+    first_line,
     load_model,
     load_processor,
     load_tokenizer,
     model_class_of,
+    parameter_count,
 )
 
 log = logging.getLogger("sftune")
@@ -95,6 +96,9 @@ def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
             modules_to_save=config.lora_modules_to_save,
             use_rslora=config.use_rslora,
             use_dora=config.use_dora,
+            # A model whose output head is its input embedding keeps them one matrix when either is trained
+            # in full, so the merged model stays tied like its base.
+            ensure_weight_tying=_ties_embeddings(model) and bool(config.lora_modules_to_save),
         )
         try:
             with _quiet_peft():
@@ -108,12 +112,19 @@ def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
         )
     if config.load_in_4bit or config.load_in_8bit:
         # A quantized layer has an integer weight, so peft leaves the new adapter in fp32: bring it, and any
-        # module trained in full, to the dtype the quantized layers compute in.
+        # module trained in full, to the dtype the quantized layers compute in. (peft's
+        # prepare_model_for_kbit_training is not used: it would upcast every unquantized weight of the frozen
+        # base to fp32, costing memory and mixing dtypes, and switch on gradient checkpointing unasked.)
         dtype = compute_dtype(config)
         for param in model.parameters():
             if param.requires_grad and param.dtype != dtype:
                 param.data = param.data.to(dtype)
     return model
+
+
+def _ties_embeddings(model: nn.Module) -> bool:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return bool(getattr(config, "tie_word_embeddings", False))
 
 
 @contextmanager
@@ -162,11 +173,9 @@ def _targets_label(targets: Any) -> str:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; peft counts 4-bit weights by their unpacked size."""
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
+    """(trainable, total) parameters, 4-bit weights counted by their unpacked size."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return parameter_count(p for p in params if p.requires_grad), parameter_count(params)
 
 
 def is_adapter_folder(path: str | Path) -> bool:

@@ -161,7 +161,7 @@ def load_model(config: SFTConfig, device: torch.device | str | None = None) -> A
     quantization = quantization_config(config)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        kwargs["dtype"] = quantization.bnb_4bit_compute_dtype if config.load_in_4bit else kwargs["dtype"]
+        kwargs["dtype"] = compute_dtype(config)  # of the layers left unquantized (norms, embeddings, head)
         if device is not None:
             kwargs["device_map"] = {"": device}
     kwargs.update(_init_kwargs(config))
@@ -179,12 +179,21 @@ def load_model(config: SFTConfig, device: torch.device | str | None = None) -> A
         ) from None
     if config.gguf_file:
         model = plain_model_from_gguf(model)
-    total = sum(p.numel() for p in model.parameters())
+    total = parameter_count(model.parameters())
     log.info(
         "model: %s (%s, %.1fM parameters, %s%s)", name, type(model).__name__, total / 1e6, model.dtype,
         ", " + _quantization_label(config) if quantization is not None else "",
     )
     return model
+
+
+def parameter_count(params: Any) -> int:
+    """Number of weights, counting a 4-bit bitsandbytes tensor by its unpacked size (two values per byte)."""
+    total = 0
+    for param in params:
+        packed = type(param).__name__ == "Params4bit"
+        total += param.numel() * (2 * param.element_size() if packed else 1)
+    return total
 
 
 def _init_kwargs(config: SFTConfig) -> dict[str, Any]:
