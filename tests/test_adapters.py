@@ -16,7 +16,7 @@ from sftune.config import CONFIG_FILENAME
 from sftune.errors import UserError
 from sftune.model.adapters import default_target_modules, prepare_for_training
 from sftune.model.load import load_model
-from sftune.train.loss import CausalLMWithLoss
+from sftune.training.loss import CausalLMWithLoss
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
@@ -143,6 +143,41 @@ def test_merge_cli_gives_the_adapter_logits(lora_run, tmp_path, capsys):
     assert "already exists and is not empty" in capsys.readouterr().err
     assert main(["merge", str(merged_dir), "--output", str(tmp_path / "x")]) == 2
     assert "holds a full model (nothing to merge)" in capsys.readouterr().err
+
+
+def test_merge_an_adapter_trained_elsewhere(lora_run, tmp_path):
+    """Without sftune_config.yaml (a TRL or peft adapter), the base comes from adapter_config.json."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from sftune.model.adapters import merge_adapter
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for name in ADAPTER_FILES:
+        shutil.copy(lora_run.output_dir / name, foreign / name)
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(foreign, tmp_path / "merged"))
+    ids = torch.tensor([lora_run.tokenizer.encode("hello world")])
+    assert (logits_of(merged, ids) - logits_of(lora_run.model, ids)).abs().max() < 1e-5
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()  # the base model's tokenizer
+
+
+def test_resume_a_lora_run_from_its_checkpoint(tiny_model_dir, chat_jsonl, tmp_path):
+    """4 steps straight against 2 steps + checkpoint + resume: the same losses and adapter weights."""
+    from sftune.training.checkpoint import list_checkpoints
+
+    full = train(lora_config(tiny_model_dir, chat_jsonl, tmp_path / "full", max_steps=4, save_strategy="steps",
+                             save_steps=2, per_device_train_batch_size=4))
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert [step for step, _ in list_checkpoints(tmp_path / "full")] == [2, 4]
+    assert ADAPTER_FILES <= {p.name for p in checkpoint.iterdir()} and not (checkpoint / "model.safetensors").exists()
+    resumed = train(lora_config(tiny_model_dir, chat_jsonl, tmp_path / "resumed", max_steps=4,
+                                per_device_train_batch_size=4, resume_from_checkpoint=str(checkpoint)))
+    losses = [e["loss"] for e in full.history if "loss" in e]
+    assert [e["loss"] for e in resumed.history if "loss" in e] == losses[2:]
+    first, second = (load_file(r.output_dir / "adapter_model.safetensors") for r in (full, resumed))
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True, "lora_r": 4},

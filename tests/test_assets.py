@@ -53,13 +53,13 @@ def test_fetch_refuses_a_wrong_checksum(fake_asset, monkeypatch):
 def test_real_smollm2_knows_paris(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftune.demo import answer
+    from sftune.generation import greedy_answer
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
-    assert "Paris" in answer(model, tokenizer, "What is the capital of France?", max_new_tokens=12)
+    assert "Paris" in greedy_answer(model, tokenizer, "What is the capital of France?", max_new_tokens=12)
 
 
 def test_demo_command_runs_on_the_real_model(smollm2_dir, tmp_path, capsys, monkeypatch):

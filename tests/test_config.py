@@ -64,7 +64,7 @@ def test_saved_config_round_trips(tmp_path):
     "values,message",
     [
         ({"learning_rat": 1}, "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
-        ({"per_device_batch_size": 1}, "did you mean 'per_device_train_batch_size'?"),
+        ({"per_device_train_batch_sz": 1}, "did you mean 'per_device_train_batch_size'?"),
         ({"max_seq_lenght": 5}, "did you mean 'max_length'?"),
         ({"zzz": 1}, "unknown key 'zzz'"),
         ({"bf16": True}, "set `dtype: bfloat16` instead"),

@@ -15,7 +15,7 @@ from sftune.config import CONFIG_FILENAME
 from sftune.errors import ConfigError, UserError
 from sftune.model.adapters import parameter_counts, prepare_for_training
 from sftune.model.load import load_model, load_processor, load_tokenizer, model_class_of
-from sftune.train.loss import CausalLMWithLoss
+from sftune.training.loss import CausalLMWithLoss
 
 # bitsandbytes' 8-bit matmul on CPU warns on every call that it is slow
 pytestmark = pytest.mark.filterwarnings("ignore:.*(8-bit|8bit|int8|MatMul8bitLt).*:UserWarning")

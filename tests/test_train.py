@@ -99,7 +99,7 @@ def test_our_loss_equals_transformers_loss(tiny_model_dir, chat_jsonl):
 
     from sftune.data.collate import pad_batch
     from sftune.data.prepare import prepare_train_data
-    from sftune.train.loss import CausalLMWithLoss
+    from sftune.training.loss import CausalLMWithLoss
 
     config = tiny_config(tiny_model_dir, chat_jsonl, "unused")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -171,9 +171,10 @@ def test_dtype_and_attention_implementation(tiny_model_dir, chat_jsonl, tmp_path
     assert AutoModelForCausalLM.from_pretrained(result.output_dir, dtype="auto").dtype == torch.bfloat16
 
 
-def test_the_train_function_keeps_its_name_after_training_modules_load():
-    """`sftune.train` is both the public function and the subpackage of the loop: the function must win."""
-    import sftune
-    import sftune.train.loop  # noqa: F401
+def test_public_train_is_the_function_even_after_importing_the_training_package():
+    import importlib
 
-    assert callable(sftune.train) and sftune.train.__module__ == "sftune"
+    import sftune
+    import sftune.training.loop  # noqa: F401  (a subpackage import must not shadow sftune.train)
+
+    assert callable(importlib.import_module("sftune").train) and sftune.train.__doc__.startswith("Fine-tune")

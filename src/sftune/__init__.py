@@ -1,6 +1,5 @@
 """sftune: supervised fine-tuning of language models, fully or with adapters."""
 
-import sftune.train as _train_package  # noqa: F401  (empty; bound first so that `train` below keeps its name)
 from sftune.config import SFTConfig, load_config
 from sftune.errors import ConfigError, DataError, UserError
 

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from sftune import config as cfg
-from sftune.errors import ConfigError, UserError
+from sftune.errors import ConfigError, TrainingInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -45,6 +45,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", nargs="?", help="YAML file with settings; flags override it.")
     train.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
+    train.add_argument(
+        "--num_processes", "--num-processes", type=int, default=1, metavar="N",
+        help="Train data-parallel in N processes through `accelerate launch` (one per GPU; on a machine without "
+        "GPUs, N CPU processes over gloo). For FSDP or DeepSpeed, use `accelerate launch` with a config file.",
+    )
     _add_config_flags(train)
 
     demo = commands.add_parser(
@@ -79,7 +84,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     if args.command is None:
         parser.print_help()
         raise SystemExit(EXIT_USER_ERROR)
-    reserved = {"command", "config", "debug", "run_dir", "output"}
+    reserved = {"command", "config", "debug", "num_processes", "run_dir", "output"}
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     return args, overrides
 
@@ -90,9 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, overrides = _parse(argv)
         if args.command == "train":
+            config = cfg.load_config(args.config, overrides)  # a bad config fails here, before any launch
+            if args.num_processes > 1:
+                from sftune.launch import launch_data_parallel
+
+                return launch_data_parallel(args.num_processes, _without_num_processes(argv))
             from sftune.run import train
 
-            train(cfg.load_config(args.config, overrides))
+            train(config)
         elif args.command == "demo":
             from sftune.demo import run_demo
 
@@ -109,9 +119,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sftune: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingInterrupted as stop:
+        print(f"sftune: {stop}; continue with --resume_from_checkpoint true", file=sys.stderr)
+        return 128 + stop.signal_number
     except KeyboardInterrupt:
         print("sftune: interrupted", file=sys.stderr)
         return 130
+
+
+def _without_num_processes(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--num_processes", "--num-processes"):
+            skip = True
+        elif not arg.startswith(("--num_processes=", "--num-processes=")):
+            kept.append(arg)
+    return kept
 
 
 if __name__ == "__main__":

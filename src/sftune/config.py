@@ -21,6 +21,7 @@ import yaml
 from sftune.errors import ConfigError
 
 CONFIG_FILENAME = "sftune_config.yaml"
+TRACKERS = ("none", "all", "tensorboard", "wandb", "trackio")
 
 # Adapters train far fewer weights from zero (LoRA's B), and take a larger step than full fine-tuning.
 DEFAULT_LEARNING_RATE = 2e-5
@@ -41,7 +42,14 @@ NOT_SUPPORTED = {
 
 
 def _opt(default: Any, help: str, group: str) -> Any:
-    return field(default=default, metadata={"help": help, "group": group})
+    metadata = {"help": help, "group": group}
+    if isinstance(default, (list, dict)):  # each config gets its own copy of a mutable default
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 @dataclass
@@ -136,8 +144,11 @@ class SFTConfig:
     )
     num_train_epochs: float = _opt(3.0, "Passes over the training data (fractions allowed).", "training")
     max_steps: int = _opt(-1, "Optimizer steps to run; overrides num_train_epochs when positive.", "training")
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _opt(
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"] = _opt(
         "linear", "Learning-rate schedule after warm-up.", "training"
+    )
+    lr_scheduler_kwargs: dict = _opt(
+        {}, "Extra schedule settings, e.g. {min_lr_rate: 0.1} or {min_lr: 1e-6} for cosine_with_min_lr.", "training"
     )
     warmup_ratio: float = _opt(0.0, "Fraction of the optimizer steps spent warming the learning rate up.", "training")
     warmup_steps: int = _opt(0, "Warm-up length in optimizer steps (instead of warmup_ratio).", "training")
@@ -148,12 +159,60 @@ class SFTConfig:
     max_grad_norm: float = _opt(1.0, "Clip the gradient's global L2 norm to this value (0: no clipping).", "training")
     seed: int = _opt(42, "Random seed for initialisation, shuffling and dropout.", "training")
 
+    # ---- training engine: optimizer, loss, numerics
+    optim: Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit", "sgd"] = _opt(
+        "adamw_torch_fused",
+        "Optimizer: AdamW (fused kernel, or torch's multi-tensor one), 8-bit AdamW (bitsandbytes), or plain SGD.",
+        "training",
+    )
+    loss_type: Literal["nll", "dft"] = _opt(
+        "nll", "nll: cross-entropy; dft: each token's loss weighted by its own detached probability.", "training"
+    )
+    loss_chunk_size: int | None = _opt(
+        None, "Trained tokens projected to the vocabulary at once in the loss (unset: ~256 MB of logits).",
+        "training",
+    )
+    on_nonfinite_loss: Literal["stop", "skip"] = _opt(
+        "stop", "What a NaN/inf loss does: stop the run naming the step, or skip that optimizer step.", "training"
+    )
+    torch_compile: bool = _opt(False, "Compile the model's backbone with torch.compile (slow first steps).", "training")
+    full_determinism: bool = _opt(
+        False, "Use deterministic kernels everywhere (slower; bitwise-repeatable runs on GPU).", "training"
+    )
+
+    # ---- evaluation
+    eval_strategy: Literal["no", "steps", "epoch"] = _opt(
+        "no", "When to evaluate on the eval split: never, every eval_steps, or after every epoch.", "evaluation"
+    )
+    eval_steps: int | None = _opt(None, "Evaluate every this many optimizer steps (unset: logging_steps).", "evaluation")
+    per_device_eval_batch_size: int = _opt(8, "Rows per evaluation batch on each device.", "evaluation")
+    generation_prompts: list[str] = _opt(
+        [], "User prompts the model answers greedily at every evaluation; answers go to samples.jsonl.",
+        "evaluation",
+    )
+    generation_max_new_tokens: int = _opt(64, "Longest answer generated for generation_prompts.", "evaluation")
+
+    # ---- checkpoints
+    save_strategy: Literal["no", "steps", "epoch"] = _opt(
+        "steps", "When to write a checkpoint: never, every save_steps, or after every epoch.", "checkpoints"
+    )
+    save_steps: int = _opt(500, "Write a checkpoint every this many optimizer steps.", "checkpoints")
+    save_total_limit: int | None = _opt(None, "Keep only the newest this many checkpoints (unset: all).", "checkpoints")
+    resume_from_checkpoint: bool | str | None = _opt(
+        None, "true: continue from the newest checkpoint in output_dir; or a checkpoint folder to continue from.",
+        "checkpoints",
+    )
+
     # ---- output
     output_dir: str = _opt("trainer_output", "Folder for the trained model, metrics and the resolved config.", "output")
     overwrite_output_dir: bool = _opt(
         False, "Allow writing into an output_dir that already holds files (they may be replaced).", "output"
     )
     logging_steps: int = _opt(10, "Write a line to metrics.jsonl every this many optimizer steps.", "output")
+    report_to: list[str] = _opt(
+        ["none"], "Trackers besides metrics.jsonl: tensorboard, wandb, trackio, all, or none.", "output"
+    )
+    run_name: str | None = _opt(None, "Run name shown in trackers (unset: the output_dir's name).", "output")
 
     def __post_init__(self) -> None:
         hints = _type_hints()
@@ -187,6 +246,18 @@ class SFTConfig:
         need(self.logging_steps >= 1, "logging_steps", "must be >= 1")
         need(self.seed >= 0, "seed", "must be >= 0")
         need(bool(self.output_dir), "output_dir", "must be a folder path")
+        need(self.loss_chunk_size is None or self.loss_chunk_size >= 1, "loss_chunk_size", "must be >= 1")
+        need(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", "must be >= 1")
+        need(self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size", "must be >= 1")
+        need(self.generation_max_new_tokens >= 1, "generation_max_new_tokens", "must be >= 1")
+        need(self.save_steps >= 1, "save_steps", "must be >= 1")
+        need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
+        for tracker in self.report_to:
+            need(tracker in TRACKERS, "report_to", f"each entry must be one of {', '.join(TRACKERS)}")
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ConfigError(f"config key 'report_to' = {self.report_to!r}: 'none' cannot be combined with trackers")
+        if self.resume_from_checkpoint is False:
+            self.resume_from_checkpoint = None
         need(self.lora_r >= 1, "lora_r", "must be >= 1")
         need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
@@ -308,6 +379,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)])
+    if origin in (typing.Union, types.UnionType) and set(args) == {bool, str}:  # a switch or a path
+        if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE):
+            return _coerce(key, value, bool)
+        return _coerce(key, value, str)
     if origin is Literal:
         if isinstance(value, str) and value in args:
             return value
@@ -374,7 +449,7 @@ def field_help() -> list[tuple[str, str, Any, str, str]]:
     hints = _type_hints()
     rows = []
     for f in dataclasses.fields(SFTConfig):
-        rows.append((f.metadata["group"], f.name, f.default, _type_label(hints[f.name]), f.metadata["help"]))
+        rows.append((f.metadata["group"], f.name, _default(f), _type_label(hints[f.name]), f.metadata["help"]))
     return rows
 
 
@@ -384,7 +459,7 @@ def _type_label(hint: Any) -> str:
         return "{" + ",".join(map(str, args)) + "}"
     if type(None) in args:
         inner = [a for a in args if a is not type(None)]
-        return _type_label(inner[0]) if len(inner) == 1 else "VALUE"
+        return _type_label(inner[0]) if len(inner) == 1 else "BOOL|PATH" if set(inner) == {bool, str} else "VALUE"
     if hint is bool:
         return "BOOL"
     if hint is int:

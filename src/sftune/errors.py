@@ -11,3 +11,15 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset file, row or field cannot be used."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on (a non-finite loss, say); the message names the step and what to try."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a checkpoint was saved; resume_from_checkpoint continues it."""
+
+    def __init__(self, step: int, checkpoint: str, signal_number: int):
+        super().__init__(f"interrupted at step {step}; checkpoint saved in {checkpoint}")
+        self.step, self.checkpoint, self.signal_number = step, checkpoint, signal_number

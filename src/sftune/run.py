@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ log = logging.getLogger("sftune")
 @dataclass
 class TrainResult:
     output_dir: Path
-    history: list[dict[str, Any]]  # one entry per logging step, as in metrics.jsonl
+    history: list[dict[str, Any]]  # one entry per logging step and per evaluation, as in metrics.jsonl
     global_step: int
     data_stats: dict[str, Any]
     train_seconds: float
@@ -53,23 +54,38 @@ def setup_logging() -> None:
         log.propagate = False
 
 
-def claim_output_dir(config: SFTConfig) -> Path:
+def claim_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
     """Make sure this run may write into output_dir: never silently over another run's files."""
+    from sftune.training.report import trim_metrics_after
+
     out = Path(config.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file, not a folder: choose another output_dir")
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite_output_dir:
+    continuing = resume_from is not None and resume_from.resolve().parent == out.resolve()
+    if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or continuing):
         raise UserError(
             f"output_dir '{out}' already holds files (another run?): choose another output_dir, "
-            "or set overwrite_output_dir: true to write over them"
+            "set overwrite_output_dir: true to write over them, or resume_from_checkpoint: true to continue it"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # a previous run's metrics would mix with ours
+        if continuing:
+            trim_metrics_after(out, _checkpoint_step(resume_from))
+        else:
+            for name in ("metrics.jsonl", "samples.jsonl"):  # a previous run's lines would mix with ours
+                (out / name).unlink(missing_ok=True)
     except OSError as err:
         raise UserError(f"cannot write to output_dir '{out}': {err.strerror}") from None
     config.save(out / CONFIG_FILENAME)
     return out
+
+
+def _checkpoint_step(path: Path) -> int:
+    import json
+
+    from sftune.training.checkpoint import STATE_FILE
+
+    return json.loads((path / STATE_FILE).read_text())["global_step"]
 
 
 def train(config: SFTConfig) -> TrainResult:
@@ -83,23 +99,38 @@ def train(config: SFTConfig) -> TrainResult:
     from sftune.export.save import save_model
     from sftune.model.adapters import prepare_for_training
     from sftune.model.load import load_model, load_processor, load_tokenizer
-    from sftune.train.loop import Trainer
+    from sftune.training.checkpoint import list_checkpoints, resolve_resume_path
+    from sftune.training.loop import Trainer
+    from sftune.training.report import requested_trackers
 
     setup_logging()
+    requested_trackers(config)  # a missing tracker package fails now, not after data preparation
+    if config.full_determinism:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     output_dir = Path(config.output_dir).expanduser()
+    resume_from = resolve_resume_path(output_dir, config.resume_from_checkpoint)
+    if config.resume_from_checkpoint is True and resume_from is None:
+        if output_dir.is_dir() and any(output_dir.iterdir()) and not list_checkpoints(output_dir):
+            raise UserError(f"resume_from_checkpoint: true, but output_dir '{output_dir}' holds no checkpoint")
+        log.info("no checkpoint in %s yet: starting from the beginning", output_dir)
     if accelerator.is_main_process:
-        output_dir = claim_output_dir(config)
+        output_dir = claim_output_dir(config, resume_from)
     accelerator.wait_for_everyone()
-    set_seed(config.seed)
+    set_seed(config.seed, deterministic=config.full_determinism)
     if config.use_peft and config.learning_rate_is_default:
         log.info("learning_rate: %g, the default with use_peft (set learning_rate to change it)", config.learning_rate)
 
     processor = load_processor(config)  # None for text-only models
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
-    data = prepare_train_data(config, tokenizer)
+    with accelerator.main_process_first():  # the main process prepares and caches; the others read the cache
+        data = prepare_train_data(config, tokenizer)
     model = prepare_for_training(load_model(config, device=accelerator.device), config)
-    trainer = Trainer(model, data.rows, config, accelerator, output_dir, make_collator(config, tokenizer))
+
+    trainer = Trainer(model, tokenizer, data.rows, [], ["train"], config, accelerator, output_dir,
+                      make_collator(config, tokenizer))
+    if resume_from is not None:
+        trainer.resume(resume_from)
     log.info(
         "training: %d steps (%d per epoch), %d rows per step (%d x %d accumulation x %d processes)",
         trainer.total_steps, trainer.steps_per_epoch, trainer.rows_per_step,

@@ -14,19 +14,6 @@ log = logging.getLogger("sftune")
 QUESTION = "Who are you?"
 
 
-def answer(model: Any, tokenizer: Any, question: str, max_new_tokens: int = 48) -> str:
-    """The model's greedy reply to one user message, rendered with its chat template."""
-    import torch
-
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    model.eval()
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
 def fresh_output_dir(base: str = "sftune-demo") -> str:
     """The first of sftune-demo, sftune-demo-2, ... that does not exist yet: a demo never writes over a run."""
     candidate, number = Path(base), 1
@@ -38,6 +25,7 @@ def fresh_output_dir(base: str = "sftune-demo") -> str:
 
 def run_demo(overrides: dict[str, Any]) -> None:
     from sftune.assets import smollm2_model_dir
+    from sftune.generation import greedy_answer
     from sftune.model.load import load_model, load_tokenizer
     from sftune.run import setup_logging, train
 
@@ -51,9 +39,9 @@ def run_demo(overrides: dict[str, Any]) -> None:
     }
     config = load_config(Path(str(demo_files / "demo.yaml")), values)
 
-    before = answer(load_model(config), load_tokenizer(config), QUESTION)
+    before = greedy_answer(load_model(config), load_tokenizer(config), QUESTION)
     result = train(config)
-    after = answer(result.model, result.tokenizer, QUESTION)
+    after = greedy_answer(result.model, result.tokenizer, QUESTION)
 
     print(f"\nQ: {QUESTION}\n  before: {before}\n  after:  {after}\n")
     if config.use_peft:

@@ -1,0 +1,178 @@
+"""Checkpoints: everything needed to continue a run exactly, written so that a crash never leaves a fake one.
+
+A checkpoint is `output_dir/checkpoint-<step>/` holding the model (or adapter) and tokenizer as the final save
+writes them, `optimizer.pt`, `scheduler.pt`, `rng_state.pt` (every process's generators), `trainer_state.json`
+(step, tokens seen) and the run's config. The data position is the step itself: the data order is a pure
+function of (seed, epoch). It is written into a hidden `.partial` folder and renamed into place in one step, so
+a folder named `checkpoint-<step>` is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sftune.errors import UserError
+
+log = logging.getLogger("sftune")
+
+PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in output_dir, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = _NAME.match(path.name)
+        if match and path.is_dir() and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume_path(output_dir: Path, resume: bool | str | None) -> Path | None:
+    """The checkpoint to continue from: None to start fresh."""
+    if not resume:
+        return None
+    if resume is True:
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(resume).expanduser()
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"resume_from_checkpoint '{resume}' is not a checkpoint folder (no {STATE_FILE} in it)")
+    return path
+
+
+# ---------------------------------------------------------------- RNG state, kept as plain data
+
+
+def rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state = {
+        "python": _to_lists(random.getstate()),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_to_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(value: Any) -> Any:
+    return [_to_lists(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _to_tuples(value: Any) -> Any:
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+# ---------------------------------------------------------------- save and load
+
+
+def save_checkpoint(
+    output_dir: Path, step: int, save_model_files: Any, optimizer: Any, scheduler: Any,
+    rng_states: list[dict[str, Any]], trainer_state: dict[str, Any], config_path: Path,
+) -> Path:
+    """Write checkpoint-<step> atomically (main process only). `save_model_files(folder)` writes the model."""
+    final = output_dir / f"{PREFIX}{step}"
+    stage = output_dir / f".{PREFIX}{step}.partial-{uuid.uuid4().hex[:8]}"
+    for leftover in output_dir.glob(f".{PREFIX}*.partial-*"):  # from a run that died while saving
+        shutil.rmtree(leftover, ignore_errors=True)
+    stage.mkdir()
+    try:
+        save_model_files(stage)
+        torch.save(optimizer.state_dict(), stage / "optimizer.pt")
+        torch.save(scheduler.state_dict(), stage / "scheduler.pt")
+        torch.save({"processes": rng_states}, stage / "rng_state.pt")
+        shutil.copyfile(config_path, stage / config_path.name)
+        (stage / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        _fsync_tree(stage)
+        if final.exists():  # the same step saved again (after a resume): swap the new one in
+            old = output_dir / f".{PREFIX}{step}.old-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            stage.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            stage.rename(final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Make the files durable before the rename publishes them."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """Optimizer, scheduler and RNG states, and the trainer state; our own files, loaded without pickle."""
+    try:
+        return {
+            "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
+            "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
+            "rng": torch.load(path / "rng_state.pt", weights_only=True)["processes"],
+            "trainer": json.loads((path / STATE_FILE).read_text()),
+        }
+    except (OSError, RuntimeError, json.JSONDecodeError, KeyError) as err:
+        raise UserError(f"checkpoint '{path}' cannot be read ({err}); resume from another checkpoint") from None
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    """Put the checkpoint's weights into the model built for this run (a full model or a peft adapter)."""
+    from safetensors.torch import load_file
+
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        return
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise UserError(f"checkpoint '{path}' holds no model weights (model.safetensors)")
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied weights (an LM head sharing the embedding) are saved once; every other key must be there.
+    own = model.state_dict()
+    loaded = {t.data_ptr() for name, t in own.items() if name in state}
+    untied_missing = [k for k in missing if own[k].data_ptr() not in loaded]
+    if unexpected or untied_missing:
+        raise UserError(
+            f"checkpoint '{path}' does not fit this model (missing {untied_missing[:3]}, unexpected "
+            f"{unexpected[:3]}): resume with the same model settings"
+        )
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
+    """Delete the oldest checkpoints beyond `keep`."""
+    if keep is None:
+        return
+    for _, path in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)

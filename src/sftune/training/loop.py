@@ -1,0 +1,297 @@
+"""The training loop. One class owns it; read `fit` top to bottom to see every step.
+
+Data order is a pure function of (seed, epoch), and each optimizer step takes the next `rows_per_step` rows of
+that order, split into micro-batches and across processes; so the data position of a run is its step number,
+and a checkpoint plus that number resumes it exactly. The loss of a step is the sum of its token losses over
+every micro-batch and process, divided by the number of trained tokens in the whole step, so gradient
+accumulation and data parallelism give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sftune.config import CONFIG_FILENAME, SFTConfig
+from sftune.data.order import epoch_order
+from sftune.data.render import IGNORE_INDEX
+from sftune.errors import TrainingError, TrainingInterrupted
+from sftune.export.save import save_model
+from sftune.generation import greedy_answer
+from sftune.training import checkpoint
+from sftune.training.loss import CausalLMWithLoss
+from sftune.training.metrics import TokenTotals, eval_metrics, train_metrics
+from sftune.training.optim import build_optimizer, build_scheduler
+from sftune.training.report import Reporter, peak_memory_mb
+
+log = logging.getLogger("sftune")
+
+Rows = list[dict[str, Any]]
+Batch = dict[str, torch.Tensor]
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, train_rows: Rows, eval_rows: Rows,
+                 source_names: list[str], config: SFTConfig, accelerator: Any, output_dir: Path,
+                 collate: Callable[[Rows], Batch]):
+        self.config, self.accelerator, self.output_dir = config, accelerator, output_dir
+        self.tokenizer, self.collate = tokenizer, collate
+        self.train_rows, self.eval_rows, self.source_names = train_rows, eval_rows, source_names
+        self.world_size = accelerator.num_processes
+        self.micro_batch_rows = config.per_device_train_batch_size * self.world_size  # one micro-batch, all ranks
+        self.rows_per_step = self.micro_batch_rows * config.gradient_accumulation_steps
+        self.steps_per_epoch = math.ceil(len(train_rows) / self.rows_per_step)
+        if config.max_steps > 0:
+            self.total_steps = config.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
+        self.eval_every = config.eval_steps or config.logging_steps
+
+        loss_model = CausalLMWithLoss(model, config.loss_type, config.loss_chunk_size)
+        loss_model.train()
+        if config.torch_compile:
+            backbone = getattr(loss_model.causal_lm, loss_model.causal_lm.base_model_prefix)
+            backbone.compile()  # in place, so parameter names and saved files stay as they are
+        optimizer = build_optimizer(loss_model, config)
+        self.scheduler = build_scheduler(optimizer, config, self.total_steps)
+        self.loss_model, self.optimizer = accelerator.prepare(loss_model, optimizer)
+
+        self.step = 0
+        self.num_tokens = 0  # trained tokens so far, all processes
+        self.skipped_steps = 0
+        self.totals = TokenTotals(source_names, config.loss_type == "dft", accelerator.device)
+        self.interval_seconds = 0.0
+        self.last_eval_step = -1
+        self.stop_signal: int | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model being trained (a transformers model, or a peft model), without any wrapper."""
+        return self.accelerator.unwrap_model(self.loss_model).model
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> list[dict[str, Any]]:
+        self.reporter = Reporter(self.config, self.output_dir, self.total_steps,
+                                 self.accelerator.is_main_process, self.step)
+        history: list[dict[str, Any]] = []
+        try:
+            with self._signals_caught():
+                while self.step < self.total_steps:
+                    epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+                    learning_rate = self.scheduler.get_last_lr()[0]
+                    started = time.perf_counter()
+                    micro_batches = self._micro_batches(epoch_order(self.train_rows, self.config, epoch), step_in_epoch)
+                    step_tokens, grad_norm, step_loss = self._optimizer_step(micro_batches)
+                    self.interval_seconds += time.perf_counter() - started
+                    self.step += 1
+                    self.num_tokens += step_tokens
+                    self.reporter.step(step_loss, learning_rate, self._interval_tokens() / max(self.interval_seconds, 1e-9))
+
+                    epoch_done = self.step % self.steps_per_epoch == 0
+                    last = self.step == self.total_steps
+                    if self.step % self.config.logging_steps == 0 or last:
+                        history.append(self._log(learning_rate, grad_norm))
+                    if self._due(self.config.eval_strategy, self.eval_every, epoch_done) and self.eval_rows:
+                        history.append(self.evaluate())
+                    if self._due(self.config.save_strategy, self.config.save_steps, epoch_done):
+                        self.save_checkpoint()
+                    if self._stop_requested():
+                        path = self.save_checkpoint()
+                        raise TrainingInterrupted(self.step, str(path), self.stop_signal or signal.SIGINT)
+                if self.config.eval_strategy != "no" and self.eval_rows and self.last_eval_step != self.step:
+                    history.append(self.evaluate())  # the final model is always evaluated
+        finally:
+            self.reporter.close()
+        return history
+
+    def _optimizer_step(self, micro_batches: list[Batch]) -> tuple[int, float, float]:
+        """Forward and backward every micro-batch, then one clipped optimizer step.
+
+        Returns (trained tokens of the step on all processes, gradient norm before clipping, this process's loss).
+        """
+        accelerator = self.accelerator
+        local_tokens = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        step_tokens = int(self._sum_over_processes(float(local_tokens)))
+        # Data parallelism averages gradients over processes; multiplying by world_size turns that into a sum.
+        scale = self.world_size / max(step_tokens, 1)
+        step_totals = TokenTotals(self.source_names, self.config.loss_type == "dft", accelerator.device)
+        for i, batch in enumerate(micro_batches):
+            sources = batch.pop("source_ids", None)
+            last = i == len(micro_batches) - 1
+            with nullcontext() if last else accelerator.no_sync(self.loss_model):
+                out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
+                accelerator.backward(out["loss_sum"] * scale)
+            step_totals.add(out["token_stats"], _trained(sources, batch["targets"]))
+        max_norm = self.config.max_grad_norm or float("inf")
+        grad_norm = float(accelerator.clip_grad_norm_(self.loss_model.parameters(), max_norm))
+        step_loss = float(step_totals.sums[:, 1].sum()) / max(local_tokens, 1)
+        if not math.isfinite(grad_norm):
+            self._nonfinite(grad_norm)  # raises, or we skip this step's update
+        else:
+            self.optimizer.step()
+            self.totals.sums += step_totals.sums
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_tokens, grad_norm, step_loss
+
+    def _nonfinite(self, grad_norm: float) -> None:
+        step = self.step + 1
+        if self.config.on_nonfinite_loss == "stop":
+            raise TrainingError(
+                f"step {step}: the loss or its gradient is not finite (gradient norm {grad_norm}); lower "
+                "learning_rate, check the data of this step, or set on_nonfinite_loss: skip"
+            )
+        self.skipped_steps += 1
+        log.warning("step %d: non-finite loss or gradient; this step's update is skipped", step)
+
+    def _micro_batches(self, order: np.ndarray, step_in_epoch: int) -> list[Batch]:
+        """This process's share of each micro-batch of one optimizer step, collated."""
+        step_rows = order[step_in_epoch * self.rows_per_step:(step_in_epoch + 1) * self.rows_per_step]
+        rank, size = self.accelerator.process_index, self.config.per_device_train_batch_size
+        batches = []
+        for start in range(0, len(step_rows), self.micro_batch_rows):
+            global_rows = step_rows[start:start + self.micro_batch_rows]
+            mine = [self.train_rows[i] for i in global_rows[rank * size:(rank + 1) * size]]
+            if not mine:  # the epoch's last micro-batch can leave a process without rows; it still joins in
+                mine = [_without_targets(self.train_rows[global_rows[0]])]
+            batches.append(self.collate(mine))
+        return batches
+
+    # ------------------------------------------------------------------ logging, evaluation, checkpoints
+
+    def _interval_tokens(self) -> float:
+        return float(self.totals.sums[:, 0].sum())
+
+    def _log(self, learning_rate: float, grad_norm: float) -> dict[str, Any]:
+        sums = self.totals.merged(self.accelerator)
+        metrics = {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            **train_metrics(sums, self.source_names),
+            "learning_rate": learning_rate,
+            "grad_norm": grad_norm,
+            "num_tokens": self.num_tokens,
+            "tokens_per_second": float(sums[:, 0].sum()) / max(self.interval_seconds, 1e-9),
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+        }
+        if self.skipped_steps:
+            metrics["skipped_steps"] = self.skipped_steps
+        self.reporter.log(metrics)
+        self.totals.reset()
+        self.interval_seconds = 0.0
+        return metrics
+
+    def _due(self, strategy: str, every: int, epoch_done: bool) -> bool:
+        if strategy == "steps":
+            return self.step % every == 0
+        return strategy == "epoch" and epoch_done
+
+    def evaluate(self) -> dict[str, Any]:
+        """Loss, perplexity, token accuracy and entropy on the eval rows, overall and per source."""
+        accelerator, size = self.accelerator, self.config.per_device_eval_batch_size
+        totals = TokenTotals(self.source_names, dft=False, device=accelerator.device)
+        self.loss_model.eval()
+        with torch.no_grad():
+            # every process runs the same number of batches (sharded models need all of them in each forward)
+            for i in range(math.ceil(len(self.eval_rows) / (size * self.world_size))):
+                start = (i * self.world_size + accelerator.process_index) * size
+                rows = self.eval_rows[start:start + size] or [_without_targets(self.eval_rows[0])]
+                batch = self.collate(rows)
+                sources = batch.pop("source_ids", None)
+                out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
+                totals.add(out["token_stats"], _trained(sources, batch["targets"]))
+        self.loss_model.train()
+        metrics = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                   **eval_metrics(totals.merged(accelerator), self.source_names)}
+        self.reporter.log(metrics)
+        for prompt in self.config.generation_prompts:
+            answer = greedy_answer(self.model, self.tokenizer, prompt, self.config.generation_max_new_tokens)
+            self.reporter.sample(self.step, prompt, answer)
+        self.last_eval_step = self.step
+        return metrics
+
+    def save_checkpoint(self) -> Path:
+        from accelerate.utils import gather_object
+
+        rng_states = gather_object([checkpoint.rng_state()])
+        path = self.output_dir / f"{checkpoint.PREFIX}{self.step}"
+        if self.accelerator.is_main_process:
+            state = {"global_step": self.step, "num_tokens": self.num_tokens, "total_steps": self.total_steps,
+                     "rows_per_step": self.rows_per_step, "world_size": self.world_size,
+                     "skipped_steps": self.skipped_steps}
+            path = checkpoint.save_checkpoint(
+                self.output_dir, self.step, lambda folder: save_model(self.model, self.tokenizer, folder),
+                self.optimizer, self.scheduler, rng_states, state, self.output_dir / CONFIG_FILENAME,
+            )
+            checkpoint.prune_checkpoints(self.output_dir, self.config.save_total_limit)
+            log.info("saved checkpoint %s", path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Continue from a checkpoint: weights, optimizer, schedule, random generators and the data position."""
+        state = checkpoint.load_training_state(path)
+        checkpoint.load_model_weights(self.model, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        checkpoint.set_rng_state(rng[self.accelerator.process_index] if len(rng) == self.world_size else rng[0])
+        trainer = state["trainer"]
+        self.step, self.num_tokens = trainer["global_step"], trainer["num_tokens"]
+        self.skipped_steps = trainer.get("skipped_steps", 0)
+        if trainer.get("rows_per_step") != self.rows_per_step:
+            log.warning("resuming with %d rows per step where the run had %s: the data order will differ from "
+                        "an uninterrupted run", self.rows_per_step, trainer.get("rows_per_step"))
+        log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
+
+    # ------------------------------------------------------------------ stopping on a signal
+
+    @contextmanager
+    def _signals_caught(self) -> Iterator[None]:
+        """SIGINT / SIGTERM ask the loop to stop after the current step, with a checkpoint; a second one acts now."""
+        previous: dict[int, Any] = {}
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self.stop_signal = signum
+            signal.signal(signum, previous[signum])
+            log.warning("signal %d: stopping after this step and saving a checkpoint", signum)
+
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, request_stop)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _stop_requested(self) -> bool:
+        wanted = float(self.stop_signal is not None)
+        return self._sum_over_processes(wanted) > 0 if self.world_size > 1 else bool(wanted)
+
+    def _sum_over_processes(self, value: float) -> float:
+        if self.world_size == 1:
+            return float(value)
+        tensor = torch.tensor(value, dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(tensor, reduction="sum"))
+
+
+def _trained(sources: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor | None:
+    """The source of each trained token, in the order the loss lists them."""
+    return None if sources is None else sources[targets != IGNORE_INDEX]
+
+
+def _without_targets(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "labels": np.full_like(row["labels"], IGNORE_INDEX)}

@@ -1,0 +1,220 @@
+"""The training loss: cross-entropy over the trained tokens only, projected to the vocabulary in chunks.
+
+The backbone runs once. Only positions with a target are projected to the vocabulary, a chunk of tokens at a
+time, so neither the `[tokens, vocab]` logits of the batch nor those of untrained positions (prompts, padding)
+ever exist. Within a chunk the gradients for the hidden states and the head are computed during the forward
+pass and scaled in the backward pass: no logits are kept for backward and none are recomputed. Token accuracy
+and entropy come from the same chunks, so nothing else ever builds logits for metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sftune.data.render import IGNORE_INDEX
+
+# Tokens per chunk are chosen so that one chunk's fp32 logits hold about this many elements (256 MB).
+CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass
+class TokenStats:
+    """Per trained token, detached: what reporting needs, in the order of the trained positions."""
+
+    nll: torch.Tensor  # negative log-likelihood of the target
+    correct: torch.Tensor  # argmax equals target
+    entropy: torch.Tensor  # entropy of the predicted distribution
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What some architectures do to logits after the head: multiply by `scale`, then soft-cap with tanh."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def scale_gradient_(self, grad: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
+        """Turn d(loss)/d(transformed logits) into d(loss)/d(head output), in place."""
+        if self.softcap:
+            grad.mul_(1 - (transformed / self.softcap) ** 2)
+        if self.scale != 1.0:
+            grad.mul_(self.scale)
+        return grad
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+    return max(64, CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def _chunk_forward(logits: torch.Tensor, targets: torch.Tensor, dft: bool):
+    """From one chunk's fp32 logits: (objective sum, nll, correct, entropy, softmax, per-token loss weights).
+
+    The softmax is computed once and serves the entropy and the gradient alike.
+    """
+    log_norm = torch.logsumexp(logits, dim=-1)
+    nll = log_norm - logits.gather(1, targets[:, None]).squeeze(1)
+    correct = logits.argmax(dim=-1) == targets
+    probs = torch.exp(logits - log_norm[:, None])
+    # entropy = log Z - sum(p * z), as a batched dot product so no [tokens, vocab] temporary is made
+    entropy = log_norm - torch.bmm(probs[:, None, :], logits[:, :, None]).view(-1)
+    # DFT (dynamic fine-tuning): each token's loss is weighted by its own detached probability.
+    weights = torch.exp(-nll) if dft else None
+    objective = (weights * nll).sum() if dft else nll.sum()
+    return objective, nll, correct, entropy, probs, weights
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Sum of per-token losses of `transform(hidden @ weight.T + bias)`, gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, transform, dft, chunk_tokens):  # type: ignore[override]
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        stats = []
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            chunk, chunk_targets = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+            logits = transform(F.linear(chunk, weight, bias).float())
+            objective, nll, correct, entropy, probs, weights = _chunk_forward(logits, chunk_targets, dft)
+            total += objective
+            stats.append((nll, correct, entropy))
+            # d(nll)/d(logits) = softmax - onehot; DFT scales each row by its detached weight
+            grad_logits = probs
+            grad_logits[torch.arange(len(chunk_targets), device=probs.device), chunk_targets] -= 1
+            if weights is not None:
+                grad_logits.mul_(weights[:, None])
+            transform.scale_gradient_(grad_logits, logits)
+            grad_logits = grad_logits.to(weight.dtype)
+            if need_hidden:
+                grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
+            if need_weight:  # accumulated in fp32 across chunks (.float() is free for fp32 inputs)
+                grad_weight.addmm_(grad_logits.t().float(), chunk.float())
+            if need_bias:
+                grad_bias += grad_logits.float().sum(0)
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
+        ctx.needs = (need_hidden, need_weight, need_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        nll, correct, entropy = (torch.cat(parts) for parts in zip(*stats))
+        ctx.mark_non_differentiable(nll, correct, entropy)
+        return total, nll, correct, entropy
+
+    @staticmethod
+    def backward(ctx, grad_total, *_unused):  # type: ignore[override]
+        saved = iter(ctx.saved_tensors)
+        need_hidden, need_weight, need_bias = ctx.needs
+        grad_hidden = grad_weight = grad_bias = None
+        if need_hidden:
+            grad_hidden = next(saved)
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if need_weight:
+            grad_weight = (next(saved) * grad_total).to(ctx.dtypes[0])
+        if need_bias:
+            grad_bias = (next(saved) * grad_total).to(ctx.dtypes[1])
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+    transform: LogitTransform = LogitTransform(), dft: bool = False, chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, TokenStats]:
+    """Loss sum over the rows of `hidden` ([N, H], trained positions only) through `head`, and per-token stats."""
+    weight = head.weight
+    chunk_tokens = chunk_tokens or default_chunk_tokens(weight.shape[0])
+    if hidden.shape[0] == 0:  # nothing to train in this micro-batch: a zero that still joins the graph
+        zero = sum((p.sum() for p in head.parameters()), hidden.sum()).float() * 0.0
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return zero, TokenStats(empty, empty.bool(), empty)
+    grad_wanted = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, *head.parameters()))
+    if grad_wanted and type(head) is nn.Linear:
+        total, nll, correct, entropy = _ChunkedLinearCrossEntropy.apply(
+            hidden, weight, head.bias, targets, transform, dft, chunk_tokens
+        )
+        return total, TokenStats(nll, correct, entropy)
+
+    def one_chunk(chunk: torch.Tensor, chunk_targets: torch.Tensor):
+        # A head that is not a plain Linear (an adapter or a quantized layer) is called as a module.
+        logits = transform(head(chunk).float())
+        objective, nll, correct, entropy, _, _ = _chunk_forward(logits, chunk_targets, dft)
+        return objective, nll.detach(), correct, entropy.detach()
+
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        args = (hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens])
+        # Without the fused path, memory stays bounded by recomputing each chunk's logits in backward.
+        parts.append(checkpoint(one_chunk, *args, use_reentrant=False) if grad_wanted else one_chunk(*args))
+    total = torch.stack([p[0] for p in parts]).sum()
+    return total, TokenStats(*(torch.cat([p[k] for p in parts]) for k in (1, 2, 3)))
+
+
+def logit_transform(model: nn.Module) -> LogitTransform:
+    """Read the post-head logit transform of an architecture, so our loss matches its own forward."""
+    config = getattr(model.config, "text_config", None) or model.config
+    scale = 1.0
+    cohere_scale = getattr(model, "logit_scale", None)  # Cohere keeps it on the model as a float
+    if isinstance(cohere_scale, float):
+        scale *= cohere_scale
+    if getattr(config, "logits_scaling", None):  # Granite divides
+        scale /= config.logits_scaling
+    return LogitTransform(scale=scale, softcap=getattr(config, "final_logit_softcapping", None))
+
+
+class CausalLMWithLoss(nn.Module):
+    """Wraps a transformers causal LM so that forward returns the summed loss of a batch and its token statistics.
+
+    Being one module, it is what accelerate wraps for data parallelism: every parameter the loss touches is
+    reached through this forward, so gradient synchronisation sees them all.
+    """
+
+    def __init__(self, model: nn.Module, loss_type: str = "nll", chunk_tokens: int | None = None):
+        super().__init__()
+        self.model = model  # a transformers model, or a peft model wrapping one
+        self.dft = loss_type == "dft"
+        self.chunk_tokens = chunk_tokens
+        self.transform = logit_transform(model)
+        # FSDP's auto-wrap policy reads the layer classes that must not be split from the root module
+        self._no_split_modules = getattr(self.causal_lm, "_no_split_modules", None)
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The transformers model; under peft, the base model with the adapter layers injected into it."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **model_inputs: torch.Tensor,
+    ) -> dict[str, Any]:
+        """`model_inputs`: what else the backbone takes, e.g. a vision-language model's pixel_values."""
+        causal_lm = self.causal_lm
+        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+        # Image batches arrive in fp32; the vision tower computes in the model's dtype.
+        model_inputs = {k: v.to(causal_lm.dtype) if v.is_floating_point() else v for k, v in model_inputs.items()}
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            **model_inputs,
+        ).last_hidden_state
+        selected = targets != IGNORE_INDEX
+        loss_sum, stats = chunked_lm_loss(
+            hidden[selected], causal_lm.get_output_embeddings(), targets[selected], self.transform, self.dft,
+            self.chunk_tokens,
+        )
+        return {"loss_sum": loss_sum, "num_tokens": selected.sum(), "token_stats": stats}
