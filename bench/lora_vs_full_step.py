@@ -51,7 +51,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from sftune.assets import smollm2_model_dir
+    from sftune.run import setup_logging
 
+    setup_logging()
     model_dir = str(smollm2_model_dir())
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49152, (args.batch, args.tokens), generator=generator)
