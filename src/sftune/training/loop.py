@@ -42,9 +42,10 @@ Batch = dict[str, torch.Tensor]
 class Trainer:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, train_rows: Rows, eval_rows: Rows,
                  source_names: list[str], config: SFTConfig, accelerator: Any, output_dir: Path,
-                 collate: Callable[[Rows], Batch]):
+                 collate: Callable[[Rows], Batch], processor: Any = None):
         self.config, self.accelerator, self.output_dir = config, accelerator, output_dir
         self.tokenizer, self.collate = tokenizer, collate
+        self.saved_with_model = processor or tokenizer  # a vision-language model's processor holds its tokenizer
         self.train_rows, self.eval_rows, self.source_names = train_rows, eval_rows, source_names
         self.world_size = accelerator.num_processes
         self.micro_batch_rows = config.per_device_train_batch_size * self.world_size  # one micro-batch, all ranks
@@ -241,7 +242,7 @@ class Trainer:
                      "rows_per_step": self.rows_per_step, "world_size": self.world_size,
                      "skipped_steps": self.skipped_steps}
             path = checkpoint.publish_checkpoint(
-                stage, self.step, lambda folder: save_model(self.model, self.tokenizer, folder, state_dict),
+                stage, self.step, lambda folder: save_model(self.model, self.saved_with_model, folder, state_dict),
                 None if sharded.is_sharded(accelerator) else self.optimizer, self.scheduler, rng_states, state,
                 self.output_dir / CONFIG_FILENAME,
             )
@@ -274,7 +275,7 @@ class Trainer:
         state_dict = sharded.full_state_dict(self.accelerator, self.loss_model)
         if self.accelerator.is_main_process:
             try:
-                save_model(self.model, self.tokenizer, self.output_dir, state_dict)
+                save_model(self.model, self.saved_with_model, self.output_dir, state_dict)
             except OSError as err:
                 raise UserError(
                     f"could not save the model to {self.output_dir} ({err.strerror or err}); files already there are "
