@@ -152,3 +152,64 @@ def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+# ---- a tiny vision-language model: LLaVA = SigLIP vision tower + projector + the tiny Llama above
+
+IMAGE_TOKEN = "<image>"
+VISION_CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_llava(seed: int = 0):
+    """(model, processor): images of 28 x 28 pixels in patches of 14, so each image is 4 `<image>` tokens.
+
+    Uses the PIL image processor: the torchvision-based ones do not install beside torch 2.13.
+    """
+    import torch
+    from transformers import (
+        LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipImageProcessorPil,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    processor = LlavaProcessor(
+        image_processor=SiglipImageProcessorPil(size={"height": 28, "width": 28}), tokenizer=tokenizer,
+        patch_size=14, vision_feature_select_strategy="full", num_additional_image_tokens=0,
+        image_token=IMAGE_TOKEN, chat_template=VISION_CHATML_TEMPLATE,
+    )
+    vision = SiglipVisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=1, num_attention_heads=2)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                       tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_select_strategy="full",
+                         vision_feature_layer=-1, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config), processor
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    """The tiny LLaVA and its processor, saved like a Hub checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny-llava")
+    model, processor = build_llava()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def random_images(n: int, seed: int = 0) -> list:
+    """PIL images of assorted sizes (the processor resizes them to 28 x 28)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (int(rng.integers(20, 60)), int(rng.integers(20, 60)), 3),
+                                         dtype=np.uint8)) for _ in range(n)]

@@ -70,6 +70,8 @@ def test_demo_command_runs_on_the_real_model(smollm2_dir, tmp_path, capsys, monk
     assert main(["demo", "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "64"]) == 0
     out = capsys.readouterr().out
     assert "Q: Who are you?" in out and "before:" in out and "after:" in out
-    assert (tmp_path / "sftune-demo" / "model.safetensors").is_file()
-    assert main(["demo", "--max_steps", "1", "--per_device_train_batch_size", "1", "--max_length", "64"]) == 0
+    assert (tmp_path / "sftune-demo" / "adapter_model.safetensors").is_file()  # the demo trains LoRA
+    assert "sftune merge sftune-demo --output sftune-demo-merged" in out
+    assert main(["demo", "--max_steps", "1", "--per_device_train_batch_size", "1", "--max_length", "64",
+                 "--use_peft", "false"]) == 0
     assert (tmp_path / "sftune-demo-2" / "model.safetensors").is_file()  # a second demo never overwrites the first

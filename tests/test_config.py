@@ -13,7 +13,11 @@ from sftune.errors import ConfigError
 
 def test_defaults_follow_trl():
     config = SFTConfig()
-    assert config.learning_rate == 2e-5
+    assert config.learning_rate == 2e-5 and config.learning_rate_is_default
+    assert SFTConfig(use_peft=True).learning_rate == 2e-4  # adapters take a larger step by default
+    assert SFTConfig(use_peft=True, learning_rate=1e-5).learning_rate == 1e-5
+    assert not SFTConfig(learning_rate=2e-5).learning_rate_is_default
+    assert (config.use_peft, config.lora_r, config.lora_alpha, config.lora_dropout) == (False, 16, 32, 0.05)
     assert config.per_device_train_batch_size == 8
     assert config.max_length == 1024
     assert config.num_train_epochs == 3.0
@@ -172,7 +176,8 @@ def test_help_lists_every_field_with_default(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for name, value in SFTConfig().to_dict().items():
         assert f"--{name}" in out
-    assert "Peak learning rate of AdamW. (default: 2e-05)" in out
+    assert "Peak learning rate of AdamW (unset: 2e-5, or 2e-4 with use_peft). (default: unset)" in out
+    assert "LoRA rank. (default: 16)" in out
     assert "(default: unset)" in out
 
 

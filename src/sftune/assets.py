@@ -131,27 +131,22 @@ def _extract(archive: Path, member: str, target: Path) -> Path:
 def smollm2_model_dir() -> Path:
     """SmolLM2-135M-Instruct as a plain transformers folder (safetensors), converted once from the GGUF.
 
-    transformers can train from the GGUF directly, but reading it takes ~30 s each time, and a model loaded
-    from GGUF refuses save_pretrained; so rebuild it from its config once and keep the result.
+    transformers can train from the GGUF directly (gguf_file), but reading and dequantizing it takes ~45 s
+    each time; the converted folder loads in a second or two.
     """
     target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (target / "model.safetensors").is_file():
         return target
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftune.model.load import plain_model_from_gguf
 
     folder = fetch("smollm2-135m-instruct-gguf")
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     log.info("converting %s to safetensors (once)", gguf)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    settings = loaded.config.to_dict()
-    settings.pop("quantization_config", None)
-    settings["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    config = AutoConfig.for_model(**{k: v for k, v in settings.items() if k != "model_type"}, model_type="llama")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
+    model = plain_model_from_gguf(AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32))
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         model.save_pretrained(tmp)

@@ -23,6 +23,10 @@ from sftune.errors import ConfigError
 CONFIG_FILENAME = "sftune_config.yaml"
 TRACKERS = ("none", "all", "tensorboard", "wandb", "trackio")
 
+# Adapters train far fewer weights from zero (LoRA's B), and take a larger step than full fine-tuning.
+DEFAULT_LEARNING_RATE = 2e-5
+DEFAULT_PEFT_LEARNING_RATE = 2e-4
+
 # Names other tools use for one of our fields; accepted and mapped, so old YAML files keep working.
 ALIASES = {
     "max_seq_length": "max_length",  # TRL before 0.20
@@ -64,6 +68,57 @@ class SFTConfig:
     )
     trust_remote_code: bool = _opt(
         False, "Allow running Python code shipped inside the model repository. Only for models you trust.", "model"
+    )
+    model_class: Literal["auto", "causal_lm", "image_text_to_text"] = _opt(
+        "auto",
+        "Which transformers class loads the model: 'auto' picks image_text_to_text for vision-language models "
+        "(AutoModelForImageTextToText, with their processor) and causal_lm (AutoModelForCausalLM) otherwise.",
+        "model",
+    )
+    gguf_file: str | None = _opt(
+        None, "Load the model and tokenizer from this GGUF file inside model_name_or_path (dequantized).", "model"
+    )
+    model_init_kwargs: dict | None = _opt(
+        None, "Extra keyword arguments for from_pretrained, such as config overrides (JSON on the command line).",
+        "model",
+    )
+    gradient_checkpointing: bool = _opt(
+        False, "Recompute activations in the backward pass: much less memory for about a third more time.", "model"
+    )
+    gradient_checkpointing_kwargs: dict | None = _opt(
+        None, "Arguments for torch.utils.checkpoint (unset: {\"use_reentrant\": false}).", "model"
+    )
+
+    # ---- adapters (LoRA through peft) and quantization (bitsandbytes)
+    use_peft: bool = _opt(False, "Train LoRA adapters on a frozen base model instead of every weight.", "adapters")
+    lora_r: int = _opt(16, "LoRA rank.", "adapters")
+    lora_alpha: int = _opt(32, "LoRA scale numerator: updates are scaled by lora_alpha / lora_r.", "adapters")
+    lora_dropout: float = _opt(0.05, "Dropout on the LoRA input.", "adapters")
+    lora_target_modules: list[str] | None = _opt(
+        None,
+        "Modules that get adapters: names such as q_proj,v_proj, or all-linear "
+        "(unset: every linear projection of the language model's attention).",
+        "adapters",
+    )
+    lora_modules_to_save: list[str] | None = _opt(
+        None, "Modules trained fully and saved with the adapter, e.g. lm_head,embed_tokens.", "adapters"
+    )
+    use_rslora: bool = _opt(False, "Rank-stabilised LoRA: scale by lora_alpha / sqrt(lora_r).", "adapters")
+    use_dora: bool = _opt(False, "DoRA: weight-decomposed LoRA (a trained magnitude per output feature).", "adapters")
+    adapter_name_or_path: str | None = _opt(
+        None,
+        "Continue training this LoRA adapter (a folder with adapter_config.json, or a Hub id); its own rank, "
+        "alpha and target modules are kept. Needs use_peft.",
+        "adapters",
+    )
+    load_in_4bit: bool = _opt(
+        False, "QLoRA: load the frozen base in 4 bits through bitsandbytes (needs use_peft).", "adapters"
+    )
+    load_in_8bit: bool = _opt(False, "Load the frozen base in 8 bits through bitsandbytes (needs use_peft).", "adapters")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = _opt("nf4", "4-bit data type.", "adapters")
+    use_bnb_nested_quant: bool = _opt(
+        False, "Quantize the 4-bit quantization constants too (double quantization; saves ~0.4 bit per weight).",
+        "adapters",
     )
 
     # ---- data
@@ -137,7 +192,9 @@ class SFTConfig:
     )
 
     # ---- training
-    learning_rate: float = _opt(2e-5, "Peak learning rate of AdamW.", "training")
+    learning_rate: float | None = _opt(
+        None, "Peak learning rate of AdamW (unset: 2e-5, or 2e-4 with use_peft).", "training"
+    )
     per_device_train_batch_size: int = _opt(8, "Rows per micro-batch on each device.", "training")
     gradient_accumulation_steps: int = _opt(
         1, "Micro-batches per optimizer step; the loss is normalised by the trained tokens of the whole step.",
@@ -219,6 +276,10 @@ class SFTConfig:
         hints = _type_hints()
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        # Resolved here, so the saved config holds the value used and repeats the run as it was.
+        self.learning_rate_is_default = self.learning_rate is None
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_PEFT_LEARNING_RATE if self.use_peft else DEFAULT_LEARNING_RATE
         self._check_ranges()
 
     def _check_ranges(self) -> None:
@@ -255,6 +316,21 @@ class SFTConfig:
             raise ConfigError(f"config key 'report_to' = {self.report_to!r}: 'none' cannot be combined with trackers")
         if self.resume_from_checkpoint is False:
             self.resume_from_checkpoint = None
+        need(self.lora_r >= 1, "lora_r", "must be >= 1")
+        need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
+        need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+        for key in ("adapter_name_or_path", "load_in_4bit", "load_in_8bit"):
+            need(
+                not getattr(self, key) or self.use_peft, key,
+                "needs use_peft: true (a quantized or adapter-based run trains adapters, not the base weights)",
+            )
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("config keys 'load_in_4bit' and 'load_in_8bit' are both true: keep one of them")
+        if self.gguf_file and (self.load_in_4bit or self.load_in_8bit):
+            raise ConfigError(
+                "config key 'gguf_file' cannot be combined with load_in_4bit / load_in_8bit: "
+                "a GGUF checkpoint is dequantized when loaded; use a safetensors model for bitsandbytes"
+            )
         self._check_data_settings()
         if self.warmup_ratio > 0 and self.warmup_steps > 0:
             raise ConfigError(

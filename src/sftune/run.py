@@ -25,8 +25,21 @@ class TrainResult:
     global_step: int
     data_stats: dict[str, Any]
     train_seconds: float
-    model: Any = field(repr=False, default=None)
+    model: Any = field(repr=False, default=None)  # a peft model when training adapters
     tokenizer: Any = field(repr=False, default=None)
+    processor: Any = field(repr=False, default=None)  # vision-language models only
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current sys.stderr, not the one at set-up (pytest and notebooks replace it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def setup_logging() -> None:
@@ -34,7 +47,7 @@ def setup_logging() -> None:
 
     hf_logging.disable_progress_bar()  # our own log says what is loading and saving; one progress bar is enough
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[sftune] %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -87,8 +100,8 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     from sftune.data.collate import make_collator
     from sftune.data.prepare import prepare_train_data
     from sftune.data.template import fit_model_to_tokenizer
-    from sftune.export.save import save_model
-    from sftune.model.load import load_model, load_tokenizer
+    from sftune.model.adapters import prepare_for_training
+    from sftune.model.load import load_model, load_processor, load_tokenizer
     from sftune.training.checkpoint import list_checkpoints, resolve_resume_path
     from sftune.training.loop import Trainer
     from sftune.training.report import requested_trackers
@@ -108,15 +121,19 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
         output_dir = claim_output_dir(config, resume_from)
     accelerator.wait_for_everyone()
     set_seed(config.seed, deterministic=config.full_determinism)
+    if config.use_peft and config.learning_rate_is_default:
+        log.info("learning_rate: %g, the default with use_peft (set learning_rate to change it)", config.learning_rate)
 
-    tokenizer = load_tokenizer(config)
+    processor = load_processor(config)  # None for text-only models
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
     with accelerator.main_process_first():  # the main process prepares and caches; the others read the cache
         data = prepare_train_data(config, tokenizer, train_dataset, eval_dataset, formatting_func)
-    model = load_model(config)
+    model = load_model(config, device=accelerator.device)
     fit_model_to_tokenizer(model, tokenizer)  # embeddings for tokens the template added; the EOS stops generation
+    model = prepare_for_training(model, config)
 
     trainer = Trainer(model, tokenizer, data.train_rows, data.eval_rows, data.source_names, config, accelerator,
-                      output_dir, make_collator(config, tokenizer))
+                      output_dir, make_collator(config, tokenizer), processor=processor)
     if resume_from is not None:
         trainer.resume(resume_from)
     log.info(
@@ -128,9 +145,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     history = trainer.fit()
     seconds = time.perf_counter() - started
 
-    model = trainer.model
-    if accelerator.is_main_process:
-        save_model(model, tokenizer, output_dir)
-        log.info("saved the model to %s (%.0f s of training)", output_dir, seconds)
-    accelerator.wait_for_everyone()
-    return TrainResult(output_dir, history, trainer.step, data.stats, seconds, model, tokenizer)
+    trainer.save_final_model()
+    what = "adapter" if config.use_peft else "model"
+    log.info("saved the %s to %s (%.0f s of training)", what, output_dir, seconds)
+    return TrainResult(output_dir, history, trainer.step, data.stats, seconds, trainer.model, tokenizer, processor)

@@ -44,5 +44,9 @@ def run_demo(overrides: dict[str, Any]) -> None:
     after = greedy_answer(result.model, result.tokenizer, QUESTION)
 
     print(f"\nQ: {QUESTION}\n  before: {before}\n  after:  {after}\n")
-    print(f"The fine-tuned model is in {result.output_dir}; load it with "
-          f"AutoModelForCausalLM.from_pretrained('{result.output_dir}').")
+    if config.use_peft:
+        print(f"The LoRA adapter is in {result.output_dir}; make a standalone model of it with "
+              f"`sftune merge {result.output_dir} --output {result.output_dir}-merged`.")
+    else:
+        print(f"The fine-tuned model is in {result.output_dir}; load it with "
+              f"AutoModelForCausalLM.from_pretrained('{result.output_dir}').")

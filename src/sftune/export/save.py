@@ -1,4 +1,9 @@
-"""Write the trained model and tokenizer so that transformers loads them as-is. Files land atomically."""
+"""Write the trained model and tokenizer so that transformers (or peft) loads them as-is. Files land atomically.
+
+A full model is saved as safetensors weights, config and generation config; a peft model as its adapter only
+(adapter_config.json, adapter_model.safetensors). Either way the tokenizer, or a vision-language model's
+processor, is saved alongside with its chat template.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,11 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from sftune.errors import UserError
+
+# peft writes a model card template with every adapter; sftune's own card (export/card.py) replaces it.
+PEFT_CARD = "README.md"
 
 
 @contextmanager
@@ -29,8 +39,36 @@ def staged_into(target: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def save_model(model: Any, tokenizer: Any, output_dir: Path) -> None:
-    """Weights as safetensors, config, generation config, and the tokenizer with its chat template."""
+def save_model(model: Any, tokenizer: Any, output_dir: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """The model (or its adapter) and the tokenizer or processor, into output_dir (a run folder).
+
+    `state_dict` gives the full weights when the model in memory is sharded (FSDP, DeepSpeed ZeRO-3).
+    """
     with staged_into(output_dir) as stage:
-        model.save_pretrained(stage)
-        tokenizer.save_pretrained(stage)
+        write_model(model, tokenizer, stage, state_dict)
+
+
+def save_new_folder(model: Any, tokenizer: Any, target: Path) -> None:
+    """Write a model into `target`, which must not exist or be empty, in one step.
+
+    Everything is written to a hidden sibling folder first and renamed to `target` at the end, so `target`
+    either holds the complete model or does not exist (or stays empty).
+    """
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"'{target}' already exists and is not empty: choose a new folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        write_model(model, tokenizer, stage)
+        os.replace(stage, target)  # a rename onto a missing or empty folder is atomic
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_model(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, Any] | None = None) -> None:
+    # save_pretrained empties a state_dict it is given (transformers 5), so it gets a copy
+    model.save_pretrained(folder, **({"state_dict": dict(state_dict)} if state_dict is not None else {}))
+    if hasattr(model, "peft_config"):
+        (folder / PEFT_CARD).unlink(missing_ok=True)
+    tokenizer.save_pretrained(folder)

@@ -91,31 +91,49 @@ def _to_tuples(value: Any) -> Any:
 # ---------------------------------------------------------------- save and load
 
 
-def save_checkpoint(
-    output_dir: Path, step: int, save_model_files: Any, optimizer: Any, scheduler: Any,
-    rng_states: list[dict[str, Any]], trainer_state: dict[str, Any], config_path: Path,
-) -> Path:
-    """Write checkpoint-<step> atomically (main process only). `save_model_files(folder)` writes the model."""
-    final = output_dir / f"{PREFIX}{step}"
-    stage = output_dir / f".{PREFIX}{step}.partial-{uuid.uuid4().hex[:8]}"
-    for leftover in output_dir.glob(f".{PREFIX}*.partial-*"):  # from a run that died while saving
+def stage_path(output_dir: Path, step: int) -> Path:
+    """Where checkpoint-<step> is written before it is published; every process can compute it."""
+    return output_dir / f".{PREFIX}{step}.partial"
+
+
+def prepare_stage(stage: Path) -> None:
+    """A fresh, empty staging folder; leftovers of runs that died while saving are removed (main process)."""
+    for leftover in stage.parent.glob(f".{PREFIX}*.partial*"):
         shutil.rmtree(leftover, ignore_errors=True)
     stage.mkdir()
+
+
+def publish_checkpoint(
+    stage: Path, step: int, save_model_files: Any, optimizer: Any | None, scheduler: Any,
+    rng_states: list[dict[str, Any]], trainer_state: dict[str, Any], config_path: Path,
+) -> Path:
+    """Write the rest of checkpoint-<step> into `stage` and rename it into place (main process only).
+
+    `save_model_files(folder)` writes the model; `optimizer` is None when its shards were saved by every process.
+    """
+    final = stage.parent / f"{PREFIX}{step}"
     try:
         save_model_files(stage)
-        torch.save(optimizer.state_dict(), stage / "optimizer.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), stage / "optimizer.pt")
         torch.save(scheduler.state_dict(), stage / "scheduler.pt")
         torch.save({"processes": rng_states}, stage / "rng_state.pt")
         shutil.copyfile(config_path, stage / config_path.name)
         (stage / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
         _fsync_tree(stage)
         if final.exists():  # the same step saved again (after a resume): swap the new one in
-            old = output_dir / f".{PREFIX}{step}.old-{uuid.uuid4().hex[:8]}"
+            old = stage.parent / f".{PREFIX}{step}.old-{uuid.uuid4().hex[:8]}"
             final.rename(old)
             stage.rename(final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             stage.rename(final)
+    except OSError as err:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise UserError(
+            f"could not write checkpoint-{step} in {stage.parent} ({err.strerror or err}); the earlier checkpoints "
+            "are untouched: free some space, then continue with resume_from_checkpoint: true"
+        ) from None
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -132,9 +150,11 @@ def _fsync_tree(folder: Path) -> None:
 
 def load_training_state(path: Path) -> dict[str, Any]:
     """Optimizer, scheduler and RNG states, and the trainer state; our own files, loaded without pickle."""
+    optimizer_file = path / "optimizer.pt"
     try:
         return {
-            "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
+            "optimizer": torch.load(optimizer_file, weights_only=True, map_location="cpu")
+            if optimizer_file.is_file() else None,  # saved as shards by a sharded engine
             "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
             "rng": torch.load(path / "rng_state.pt", weights_only=True)["processes"],
             "trainer": json.loads((path / STATE_FILE).read_text()),

@@ -24,10 +24,10 @@ import torch
 from sftune.config import CONFIG_FILENAME, SFTConfig
 from sftune.data.order import epoch_order
 from sftune.data.render import IGNORE_INDEX
-from sftune.errors import TrainingError, TrainingInterrupted
+from sftune.errors import TrainingError, TrainingInterrupted, UserError
 from sftune.export.save import save_model
 from sftune.generation import greedy_answer
-from sftune.training import checkpoint
+from sftune.training import checkpoint, sharded
 from sftune.training.loss import CausalLMWithLoss
 from sftune.training.metrics import TokenTotals, eval_metrics, train_metrics
 from sftune.training.optim import build_optimizer, build_scheduler
@@ -42,9 +42,10 @@ Batch = dict[str, torch.Tensor]
 class Trainer:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, train_rows: Rows, eval_rows: Rows,
                  source_names: list[str], config: SFTConfig, accelerator: Any, output_dir: Path,
-                 collate: Callable[[Rows], Batch]):
+                 collate: Callable[[Rows], Batch], processor: Any = None):
         self.config, self.accelerator, self.output_dir = config, accelerator, output_dir
         self.tokenizer, self.collate = tokenizer, collate
+        self.saved_with_model = processor or tokenizer  # a vision-language model's processor holds its tokenizer
         self.train_rows, self.eval_rows, self.source_names = train_rows, eval_rows, source_names
         self.world_size = accelerator.num_processes
         self.micro_batch_rows = config.per_device_train_batch_size * self.world_size  # one micro-batch, all ranks
@@ -63,6 +64,7 @@ class Trainer:
             backbone.compile()  # in place, so parameter names and saved files stay as they are
         optimizer = build_optimizer(loss_model, config)
         self.scheduler = build_scheduler(optimizer, config, self.total_steps)
+        sharded.configure_deepspeed(accelerator, config)
         self.loss_model, self.optimizer = accelerator.prepare(loss_model, optimizer)
 
         self.step = 0
@@ -130,10 +132,11 @@ class Trainer:
             last = i == len(micro_batches) - 1
             with nullcontext() if last else accelerator.no_sync(self.loss_model):
                 out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
-                accelerator.backward(out["loss_sum"] * scale)
+                sharded.backward(accelerator, out["loss_sum"] * scale, last)
             step_totals.add(out["token_stats"], _trained(sources, batch["targets"]))
         max_norm = self.config.max_grad_norm or float("inf")
-        grad_norm = float(accelerator.clip_grad_norm_(self.loss_model.parameters(), max_norm))
+        norm = accelerator.clip_grad_norm_(self.loss_model.parameters(), max_norm)
+        grad_norm = float(norm) if norm is not None else 0.0  # DeepSpeed reports none when it does not clip
         step_loss = float(step_totals.sums[:, 1].sum()) / max(local_tokens, 1)
         if not math.isfinite(grad_norm):
             self._nonfinite(grad_norm)  # raises, or we skip this step's update
@@ -221,28 +224,41 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self) -> Path:
+        """checkpoint-<step>: every process takes part (random generators, sharded weights and optimizer)."""
         from accelerate.utils import gather_object
 
+        accelerator = self.accelerator
+        stage = checkpoint.stage_path(self.output_dir, self.step)
+        if accelerator.is_main_process:
+            checkpoint.prepare_stage(stage)
+        accelerator.wait_for_everyone()
         rng_states = gather_object([checkpoint.rng_state()])
+        state_dict = sharded.full_state_dict(accelerator, self.loss_model)
+        if sharded.is_sharded(accelerator):
+            sharded.save_shards(accelerator, stage)
         path = self.output_dir / f"{checkpoint.PREFIX}{self.step}"
-        if self.accelerator.is_main_process:
+        if accelerator.is_main_process:
             state = {"global_step": self.step, "num_tokens": self.num_tokens, "total_steps": self.total_steps,
                      "rows_per_step": self.rows_per_step, "world_size": self.world_size,
                      "skipped_steps": self.skipped_steps}
-            path = checkpoint.save_checkpoint(
-                self.output_dir, self.step, lambda folder: save_model(self.model, self.tokenizer, folder),
-                self.optimizer, self.scheduler, rng_states, state, self.output_dir / CONFIG_FILENAME,
+            path = checkpoint.publish_checkpoint(
+                stage, self.step, lambda folder: save_model(self.model, self.saved_with_model, folder, state_dict),
+                None if sharded.is_sharded(accelerator) else self.optimizer, self.scheduler, rng_states, state,
+                self.output_dir / CONFIG_FILENAME,
             )
             checkpoint.prune_checkpoints(self.output_dir, self.config.save_total_limit)
             log.info("saved checkpoint %s", path)
-        self.accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
         return path
 
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, schedule, random generators and the data position."""
         state = checkpoint.load_training_state(path)
-        checkpoint.load_model_weights(self.model, path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if sharded.is_sharded(self.accelerator):
+            sharded.load_shards(self.accelerator, path)
+        else:
+            checkpoint.load_model_weights(self.model, path)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
         checkpoint.set_rng_state(rng[self.accelerator.process_index] if len(rng) == self.world_size else rng[0])
@@ -253,6 +269,19 @@ class Trainer:
             log.warning("resuming with %d rows per step where the run had %s: the data order will differ from "
                         "an uninterrupted run", self.rows_per_step, trainer.get("rows_per_step"))
         log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
+
+    def save_final_model(self) -> None:
+        """The trained model (or adapter) and tokenizer into output_dir; every process must call this."""
+        state_dict = sharded.full_state_dict(self.accelerator, self.loss_model)
+        if self.accelerator.is_main_process:
+            try:
+                save_model(self.model, self.saved_with_model, self.output_dir, state_dict)
+            except OSError as err:
+                raise UserError(
+                    f"could not save the model to {self.output_dir} ({err.strerror or err}); files already there are "
+                    "untouched, and the checkpoints (if any) can be resumed with resume_from_checkpoint: true"
+                ) from None
+        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ stopping on a signal
 

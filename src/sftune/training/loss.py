@@ -201,11 +201,16 @@ class CausalLMWithLoss(nn.Module):
         targets: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        **model_inputs: torch.Tensor,
     ) -> dict[str, Any]:
+        """`model_inputs`: what else the backbone takes, e.g. a vision-language model's pixel_values."""
         causal_lm = self.causal_lm
         backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+        # Image batches arrive in fp32; the vision tower computes in the model's dtype.
+        model_inputs = {k: v.to(causal_lm.dtype) if v.is_floating_point() else v for k, v in model_inputs.items()}
         hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            **model_inputs,
         ).last_hidden_state
         selected = targets != IGNORE_INDEX
         loss_sum, stats = chunked_lm_loss(

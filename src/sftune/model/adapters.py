@@ -1,0 +1,236 @@
+"""Make a loaded model ready to train: gradient checkpointing, then LoRA / DoRA / rsLoRA adapters through peft.
+
+With adapters the base weights stay frozen (and may be 4- or 8-bit, see model/load.py); only the adapters,
+kept in the model's compute dtype, and any `lora_modules_to_save` train. `merge_adapter` folds a trained
+adapter back into its base model for a standalone checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from sftune.config import CONFIG_FILENAME, SFTConfig, load_config
+from sftune.errors import UserError
+from sftune.model.load import (
+    IMAGE_TEXT_TO_TEXT,
+    compute_dtype,
+    first_line,
+    load_model,
+    load_processor,
+    load_tokenizer,
+    model_class_of,
+    parameter_count,
+)
+
+log = logging.getLogger("sftune")
+
+ADAPTER_CONFIG = "adapter_config.json"
+ALL_LINEAR = "all-linear"
+
+
+def prepare_for_training(model: nn.Module, config: SFTConfig) -> nn.Module:
+    """The model the loop trains: `model` itself (full fine-tuning) or a peft model wrapping it."""
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model, config.gradient_checkpointing_kwargs)
+    if config.use_peft:
+        model = add_adapters(model, config)
+    trainable, total = parameter_counts(model)
+    log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return model
+
+
+def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them.
+
+    Non-reentrant checkpointing by default: it needs no input that requires grad and gives the same gradients.
+    The input embeddings are still made to require grad, because reentrant checkpointing (a user's choice)
+    over a frozen base would otherwise drop every gradient of the adapters inside the checkpointed layers.
+    """
+    kwargs = {"use_reentrant": False} if kwargs is None else dict(kwargs)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 renamed the method
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.disable_input_require_grads()  # enable_input_require_grads adds hooks on every call: keep one set
+    model.enable_input_require_grads()
+
+
+def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
+    """Wrap `model` in a peft model with new LoRA adapters, or with the adapter at config.adapter_name_or_path."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    # autocast_adapter_dtype=False: peft would otherwise train bf16/fp16 adapters in fp32; sftune trains in the
+    # dtype the model is loaded in, so the adapters take the dtype of the layer they adapt (see below for kbit).
+    if config.adapter_name_or_path:
+        try:
+            with _quiet_peft():
+                model = PeftModel.from_pretrained(
+                    model, config.adapter_name_or_path, is_trainable=True, autocast_adapter_dtype=False
+                )
+        except (OSError, ValueError) as err:
+            raise UserError(
+                f"could not load the adapter '{config.adapter_name_or_path}' (adapter_name_or_path): {first_line(err)}"
+            ) from None
+        settings = model.peft_config["default"]
+        log.info(
+            "adapters: continuing %s (r=%d, alpha=%s, targets %s); its own settings replace the lora_* keys",
+            config.adapter_name_or_path, settings.r, settings.lora_alpha, _targets_label(settings.target_modules),
+        )
+    else:
+        targets = config.lora_target_modules or default_target_modules(model)
+        lora = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets,
+            modules_to_save=config.lora_modules_to_save,
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+            # A model whose output head is its input embedding keeps them one matrix when either is trained
+            # in full, so the merged model stays tied like its base.
+            ensure_weight_tying=_ties_embeddings(model) and bool(config.lora_modules_to_save),
+        )
+        try:
+            with _quiet_peft():
+                model = get_peft_model(model, lora, autocast_adapter_dtype=False)
+        except ValueError as err:
+            raise UserError(f"could not add LoRA adapters: {first_line(err)} (check lora_target_modules)") from None
+        kind = "DoRA" if config.use_dora else "rsLoRA" if config.use_rslora else "LoRA"
+        log.info(
+            "adapters: %s r=%d alpha=%d dropout=%g on %s", kind, config.lora_r, config.lora_alpha,
+            config.lora_dropout, _targets_label(lora.target_modules),
+        )
+    if config.load_in_4bit or config.load_in_8bit:
+        # A quantized layer has an integer weight, so peft leaves the new adapter in fp32: bring it, and any
+        # module trained in full, to the dtype the quantized layers compute in. (peft's
+        # prepare_model_for_kbit_training is not used: it would upcast every unquantized weight of the frozen
+        # base to fp32, costing memory and mixing dtypes, and switch on gradient checkpointing unasked.)
+        dtype = compute_dtype(config)
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    return model
+
+
+def _ties_embeddings(model: nn.Module) -> bool:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft 0.21 reads a transformers property that transformers 5.24 renamed; the warning is not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """The linear projections inside the language model's attention blocks (q/k/v/o in most architectures).
+
+    Returned as their short names (`q_proj`, ...) when those pick out exactly these layers in the whole model;
+    otherwise (a vision tower with the same names, an MLP sharing a name) as full module names.
+    """
+    language_model = model.get_decoder() if hasattr(model, "get_decoder") else model
+    names_of = {id(module): name for name, module in model.named_modules()}
+    wanted: set[str] = set()
+    for attention in language_model.modules():
+        if not type(attention).__name__.endswith("Attention"):
+            continue
+        for child in attention.children():
+            if _is_linear(child):
+                wanted.add(names_of[id(child)])
+    if not wanted:
+        raise UserError(
+            f"could not find the attention projections of {type(model).__name__}: set lora_target_modules "
+            f"(module names such as q_proj,v_proj, or {ALL_LINEAR})"
+        )
+    short = sorted({name.rsplit(".", 1)[-1] for name in wanted})
+    matched = {name for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in short and _is_linear(module)}
+    return short if matched == wanted else sorted(wanted)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # nn.Linear covers bitsandbytes' Linear4bit / Linear8bitLt (subclasses); Conv1D is GPT-2's linear layer.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _targets_label(targets: Any) -> str:
+    if isinstance(targets, str):
+        return targets
+    names = sorted(targets)
+    return ",".join(names) if len(names) <= 8 else f"{len(names)} modules"
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, 4-bit weights counted by their unpacked size."""
+    params = list(model.parameters())
+    return parameter_count(p for p in params if p.requires_grad), parameter_count(params)
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def merge_adapter(run_dir: str | Path, output: str | Path) -> Path:
+    """Fold the adapter saved in `run_dir` into its base model and write a full model to `output` (a new folder).
+
+    The base is loaded unquantized, in the run's dtype, even when the adapter was trained on a 4- or 8-bit base:
+    merging into quantized weights would round the update away.
+    """
+    from peft import PeftModel
+
+    from sftune.export.save import save_new_folder
+
+    run_dir, output = Path(run_dir).expanduser(), Path(output).expanduser()
+    if not is_adapter_folder(run_dir):
+        what = "a full model (nothing to merge)" if (run_dir / "config.json").is_file() else "no adapter"
+        raise UserError(f"'{run_dir}' holds {what}: expected a run folder with {ADAPTER_CONFIG}")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"output '{output}' already exists and is not empty: choose a new folder")
+    config = base_model_config(run_dir)
+    log.info("merging the adapter in %s into %s", run_dir, config.model_name_or_path)
+    model = load_model(config)
+    try:
+        with _quiet_peft():
+            merged = PeftModel.from_pretrained(model, run_dir).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"could not apply the adapter in '{run_dir}' to its base model: {first_line(err)}") from None
+    save_new_folder(merged, _run_tokenizer(run_dir, config), output)
+    log.info("saved the merged model to %s", output)
+    return output
+
+
+def base_model_config(run_dir: Path) -> SFTConfig:
+    """How to load the adapter's base model: the run's own config when sftune trained it, else adapter_config.json."""
+    saved = run_dir / CONFIG_FILENAME
+    if saved.is_file():
+        config = load_config(saved)
+        return dataclasses.replace(
+            config, load_in_4bit=False, load_in_8bit=False, gradient_checkpointing=False, adapter_name_or_path=None,
+        )
+    base = json.loads((run_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{run_dir / ADAPTER_CONFIG} names no base_model_name_or_path: cannot tell which model to merge into")
+    return SFTConfig(model_name_or_path=base)
+
+
+def _run_tokenizer(run_dir: Path, config: SFTConfig) -> Any:
+    """The tokenizer (or processor) saved with the run; the base model's where the run has none."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if (run_dir / "tokenizer_config.json").is_file():
+        vision = model_class_of(config) == IMAGE_TEXT_TO_TEXT
+        return (AutoProcessor if vision else AutoTokenizer).from_pretrained(run_dir)
+    return load_processor(config) or load_tokenizer(config)
+
