@@ -94,6 +94,7 @@ class Job:
     attn_implementation: str = "sdpa"
     assistant_template: str = ""
     liger: bool = False
+    batch_size: int = 8
 
 
 @dataclass
@@ -124,8 +125,8 @@ def sftune_settings(job: Job) -> dict:
                     num_train_epochs=1, dtype=job.dtype, overwrite_output_dir=True, report_to=[])
     if s == "d":
         return settings
-    settings.update(max_length=job.max_length, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                    learning_rate=2e-5, seed=42, save_strategy="no", eval_strategy="no", logging_steps=10,
+    settings.update(max_length=job.max_length, per_device_train_batch_size=job.batch_size,
+                    gradient_accumulation_steps=1, learning_rate=2e-5, seed=42, save_strategy="no", eval_strategy="no", logging_steps=10,
                     optim="adamw_torch_fused", attn_implementation=job.attn_implementation,
                     gradient_checkpointing=False, dataset_num_proc=1)
     if s == "b":
@@ -135,9 +136,17 @@ def sftune_settings(job: Job) -> dict:
         settings.update(assistant_only_loss=True)
     if s in ("e", "eg"):
         settings.update(group_by_length=True)
-    if job.liger:
+    if job.liger and "use_liger_kernel" in _sftune_fields():
         settings.update(use_liger_kernel=True)
     return settings
+
+
+def _sftune_fields() -> set[str]:
+    import dataclasses
+
+    from sftune import SFTConfig
+
+    return {f.name for f in dataclasses.fields(SFTConfig)}
 
 
 def trl_settings(job: Job) -> dict:
@@ -148,8 +157,8 @@ def trl_settings(job: Job) -> dict:
                     model_init_kwargs={"dtype": job.dtype})
     if s == "d":
         return settings
-    settings.update(max_length=job.max_length, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                    learning_rate=2e-5, seed=42, eval_strategy="no", logging_steps=10, optim="adamw_torch_fused",
+    settings.update(max_length=job.max_length, per_device_train_batch_size=job.batch_size,
+                    gradient_accumulation_steps=1, learning_rate=2e-5, seed=42, eval_strategy="no", logging_steps=10, optim="adamw_torch_fused",
                     gradient_checkpointing=False, dataset_num_proc=1, lr_scheduler_type="linear", warmup_steps=0,
                     weight_decay=0.0, max_grad_norm=1.0)
     settings["model_init_kwargs"]["attn_implementation"] = job.attn_implementation
@@ -254,7 +263,12 @@ def child_main(job_file: str, result_file: str) -> None:
 
 # ---------------------------------------------------------------- the parent: set-up, alternation, report
 
-def chitchat_rows(count: int) -> list[dict]:
+def chitchat_rows(count: int, inputs: Path | None = None) -> list[dict]:
+    if inputs is not None:  # exported by --export-inputs, for a machine without the assets
+        rows = [json.loads(line) for line in (inputs / "conversations.jsonl").read_text().splitlines()]
+        if count > len(rows):
+            raise SystemExit(f"{inputs} holds {len(rows)} conversations; asked for {count}")
+        return rows[:count]
     sys.path.insert(0, str(HERE))
     from chitchat import chitchat_conversations
 
@@ -267,18 +281,35 @@ def chitchat_rows(count: int) -> list[dict]:
     return rows[:count]
 
 
-def smollm2_dir() -> Path:
+def smollm2_dir(inputs: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct's config, tokenizer and chat template (weights are never read)."""
+    if inputs is not None:
+        return inputs / "smollm2"
     from sftune.assets import smollm2_model_dir
 
     return Path(smollm2_model_dir())
 
 
-def build_model_dir(folder: Path, model_config: str, dtype: str) -> dict:
+def export_inputs(folder: Path, count: int = 2000) -> None:
+    """What a machine without the assets needs: SmolLM2's config, tokenizer and template, and the conversations."""
+    import shutil
+
+    source = smollm2_dir()
+    (folder / "smollm2").mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.suffix in (".json", ".jinja"):
+            shutil.copy(path, folder / "smollm2" / path.name)
+    rows = chitchat_rows(count)
+    (folder / "conversations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote SmolLM2's config and tokenizer and {len(rows)} conversations to {folder}")
+
+
+def build_model_dir(folder: Path, model_config: str, dtype: str, inputs: Path | None = None) -> dict:
     """Random weights (seed 0) with the chosen config, SmolLM2's tokenizer and chat template, saved to `folder`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = smollm2_dir()
+    source = smollm2_dir(inputs)
     if model_config == "smollm2-135m":
         config = AutoConfig.from_pretrained(source)
     else:
@@ -448,12 +479,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--markdown", default=None, help="also write the results table to this file")
     parser.add_argument("--json", default=None, help="also write every run's numbers to this file")
     parser.add_argument("--workdir", default=None, help="keep the model, data and run logs here")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step (micro-batch x 1)")
+    parser.add_argument("--inputs", default=None, help="use a folder written by --export-inputs instead of the assets")
+    parser.add_argument("--export-inputs", default=None, metavar="DIR",
+                        help="write SmolLM2's tokenizer/config and 2,000 conversations to DIR, then stop")
     parser.add_argument("--child", nargs=2, metavar=("JOB", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child_main(*args.child)
         return []
 
+    if args.export_inputs:
+        export_inputs(Path(args.export_inputs))
+        return []
+    inputs = Path(args.inputs).resolve() if args.inputs else None
     quick = args.quick
     scenarios = (args.scenarios or ("a,e" if quick else "a,b,c,d,e,eg")).split(",")
     unknown = set(scenarios) - set(SCENARIOS)
@@ -469,11 +508,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     model_dir, data_file = workdir / "model", workdir / "conversations.jsonl"
-    params = build_model_dir(model_dir, args.model_config, args.dtype)
-    rows = chitchat_rows(conversations)
+    params = build_model_dir(model_dir, args.model_config, args.dtype, inputs)
+    rows = chitchat_rows(conversations, inputs)
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     template = workdir / "assistant_template.jinja"
-    template.write_text(assistant_template((smollm2_dir() / "chat_template.jinja").read_text()))
+    template.write_text(assistant_template((smollm2_dir(inputs) / "chat_template.jinja").read_text()))
 
     if args.peak_tflops:
         machine_gflops, peak_label = args.peak_tflops * 1e3, f"{args.peak_tflops:g} TFLOPS peak"
@@ -493,7 +532,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             order = tools if run % 2 == 0 else tools[::-1]
             for tool in order:
                 job = Job(tool, s, str(model_dir), str(data_file), str(workdir / f"out-{tool}-{s}-{run}"),
-                          max_length, args.threads, args.device, args.dtype, args.attn, str(template), args.liger)
+                          max_length, args.threads, args.device, args.dtype, args.attn, str(template), args.liger,
+                          args.batch_size)
                 result = run_child(job, workdir, index)
                 index += 1
                 results.append(result)

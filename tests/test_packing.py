@@ -192,9 +192,16 @@ def test_collator_choice():
     docs = documents(64)
     padded = make_collator(SFTConfig(), tokenizer)(docs)
     assert "attention_mask" in padded and padded["input_ids"].shape == (4, max(DOC_LENGTHS))
-    free = make_collator(SFTConfig(padding_free=True), tokenizer)(docs)
+    flash = SFTConfig(padding_free=True, attn_implementation="flash_attention_2")
+    free = make_collator(flash, tokenizer)(docs)
     assert "attention_mask" not in free and free["input_ids"].shape == (1, sum(DOC_LENGTHS))
     assert free["position_ids"][0].tolist() == [p for n in DOC_LENGTHS for p in range(n)]
+    # on sdpa/eager a joined row would cost attention over its whole length: each row is a batch of its own
+    for attention in (None, "sdpa", "eager"):
+        rows = make_collator(SFTConfig(padding_free=True, attn_implementation=attention), tokenizer)(docs)
+        assert [b["input_ids"].shape for b in rows] == [(1, n) for n in DOC_LENGTHS]
+        assert all("attention_mask" not in b and b["position_ids"][0].tolist() == list(range(b["input_ids"].shape[1]))
+                   for b in rows)
     packed = make_collator(SFTConfig(packing=True), tokenizer)(packed_rows(docs))
     assert packed["input_ids"].shape == (2, 16) and (packed["position_ids"][:, 0] == 0).all()
 

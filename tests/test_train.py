@@ -72,6 +72,19 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir, chat_jsonl, 
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
 
+def test_padding_free_on_sdpa_equals_padded_batches(tiny_model_dir, chat_jsonl, tmp_path):
+    """padding_free on sdpa runs each row alone (no padding): the same losses, evaluation and weights as padded."""
+    settings = dict(max_steps=3, attn_implementation="sdpa", eval_strategy="steps", eval_steps=3, eval_ratio=0.2)
+    padded = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "padded", **settings))
+    free = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "free", padding_free=True, **settings))
+    for key in ("loss", "eval_loss"):
+        ours, theirs = ([e[key] for e in run.history if key in e] for run in (free, padded))
+        assert len(ours) == len(theirs) > 0
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    for (name, a), (_, b) in zip(padded.model.named_parameters(), free.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+
+
 def test_uneven_last_step_is_token_exact(tiny_model_dir, chat_jsonl, tmp_path):
     """32 rows in steps of 12: the last step holds 8 rows in 3 micro-batches of 3, 3 and 2."""
     full = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "a", max_steps=-1, num_train_epochs=1,

@@ -182,7 +182,10 @@ class SFTConfig:
         "data",
     )
     padding_free: bool = _opt(
-        False, "Join each batch into one sequence without padding (documents told apart by position_ids).", "data"
+        False,
+        "No padding: with FlashAttention each batch is joined into one sequence (documents told apart by "
+        "position_ids); on sdpa/eager each row runs as a micro-batch of its own (same update, no padding compute).",
+        "data",
     )
     group_by_length: bool = _opt(
         False, "Batch rows of similar length together (less padding); without packing only.", "data"

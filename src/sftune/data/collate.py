@@ -6,8 +6,12 @@ Two layouts:
   transformers then builds a block-diagonal causal mask from position_ids on sdpa and eager attention (only when
   attention_mask is None and no cache is used, which CausalLMWithLoss ensures), and FlashAttention runs its
   varlen kernel with cu_seqlens taken from them. FlashAttention reads position_ids that way only for a batch of
-  one row, so for it (and for padding_free) the batch's rows are joined into one row; on sdpa/eager packed rows
-  stay rows, since attention there costs the square of a row's length.
+  one row, so for it the batch's rows are joined into one row; on sdpa/eager packed rows stay rows, since
+  attention there costs the square of a row's length.
+- padding_free: on FlashAttention, the batch joined into one row (above). On sdpa/eager, a joined row would cost
+  attention over its whole length, so instead each row becomes a micro-batch of its own, run one after another:
+  no padding and no attention across rows. The loop normalises by the trained tokens of the whole optimizer
+  step, so the update is the padded batch's, up to float rounding.
 
 Every batch also carries `source_ids`, aligned with `targets`: the source dataset of the document each target
 belongs to, -1 where there is no target. It is for per-source loss reports.
@@ -102,11 +106,22 @@ def _positions(lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(np.sum(lengths)), dtype=np.int64) - starts
 
 
-def make_collator(config: SFTConfig, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-    """The batch builder the loop uses for this run's rows."""
+def row_batches(rows: list[dict[str, Any]], pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+    """One batch per row, nothing padded: the loop runs them as consecutive micro-batches."""
+    return [position_batch([row], pad_token_id, join=True) for row in rows]
+
+
+Collated = dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]
+
+
+def make_collator(config: SFTConfig, tokenizer: Any) -> Callable[[list[dict[str, Any]]], Collated]:
+    """The batch builder the loop uses for this run's rows: it returns one batch, or a list of batches that the
+    loop runs one after another as parts of the same micro-batch."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = pad if pad is not None else 0
+    flash = "flash" in (config.attn_implementation or "")  # flash_attention_2/3, hub flash kernels
+    if config.padding_free and not flash:
+        return partial(row_batches, pad_token_id=pad)
     if config.packing or config.padding_free:
-        flash = "flash" in (config.attn_implementation or "")  # flash_attention_2/3, hub flash kernels
-        return partial(position_batch, pad_token_id=pad, join=config.padding_free or flash)
+        return partial(position_batch, pad_token_id=pad, join=flash)
     return partial(pad_batch, pad_token_id=pad)

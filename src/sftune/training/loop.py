@@ -167,8 +167,18 @@ class Trainer:
             mine = [self.train_rows[i] for i in global_rows[rank * size:(rank + 1) * size]]
             if not mine:  # the epoch's last micro-batch can leave a process without rows; it still joins in
                 mine = [_without_targets(self.train_rows[global_rows[0]])]
-            batches.append(self.collate(mine))
+            batches.extend(self._collated(mine))
         return batches
+
+    def _collated(self, rows: Rows) -> list[Batch]:
+        """The collator gives one batch, or (padding_free on sdpa/eager) one per row, run one after another."""
+        collated = self.collate(rows)
+        if not isinstance(collated, list):
+            return [collated]
+        if sharded.is_sharded(self.accelerator):  # every rank must run the same number of forwards
+            raise UserError("padding_free with FSDP or DeepSpeed needs attn_implementation flash_attention_2 "
+                            "(or use packing instead)")
+        return collated
 
     # ------------------------------------------------------------------ logging, evaluation, checkpoints
 
@@ -209,10 +219,10 @@ class Trainer:
             for i in range(math.ceil(len(self.eval_rows) / (size * self.world_size))):
                 start = (i * self.world_size + accelerator.process_index) * size
                 rows = self.eval_rows[start:start + size] or [_without_targets(self.eval_rows[0])]
-                batch = self.collate(rows)
-                sources = batch.pop("source_ids", None)
-                out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
-                totals.add(out["token_stats"], _trained(sources, batch["targets"]))
+                for batch in self._collated(rows):
+                    sources = batch.pop("source_ids", None)
+                    out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
+                    totals.add(out["token_stats"], _trained(sources, batch["targets"]))
         self.loss_model.train()
         metrics = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
                    **eval_metrics(totals.merged(accelerator), self.source_names)}

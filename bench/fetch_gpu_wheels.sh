@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run on a machine WITH PyPI access (and the sftune assets: `make assets`), before going to a GPU machine
+# without internet. Fills bench/wheels/ (git-ignored, never committed) with:
+#   - Linux x86_64 wheels of everything bench/gpu_check.sh installs: CUDA torch, transformers, peft, datasets,
+#     accelerate, safetensors, trl 1.16.0, liger-kernel (and their dependencies), setuptools for the editable
+#     install of sftune;
+#   - bench/wheels/inputs/: SmolLM2's config, tokenizer and chat template and 2,000 chit-chat conversations.
+# Then copy the whole repository (with bench/wheels/) to the GPU machine and run bench/gpu_check.sh there.
+#
+#   bench/fetch_gpu_wheels.sh                 # wheels for the local Python version
+#   PYVER=3.12 bench/fetch_gpu_wheels.sh      # for another Python on the GPU machine
+#   SKIP_TORCH=1 bench/fetch_gpu_wheels.sh    # the GPU machine already has a CUDA torch
+# Size: about 4 GB with torch and its CUDA libraries, about 100 MB without.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+PYVER=${PYVER:-$($PY -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}
+TORCH=${TORCH:-torch==2.13.0}
+DEST=bench/wheels
+mkdir -p "$DEST"
+packages=("transformers>=5.0,<6" "peft>=0.17,<1" "datasets>=3.0,<6" "accelerate>=1.0,<2" "safetensors>=0.4,<1"
+          "pyyaml>=6.0" "tqdm>=4.60" "numpy>=1.24" "gguf>=0.10" "trl==1.16.0" "liger-kernel" "setuptools>=68" "wheel")
+if [ -z "${SKIP_TORCH:-}" ]; then packages=("$TORCH" "${packages[@]}"); fi
+# --platform/--python-version fetch Linux x86_64 wheels whatever this machine is; PyPI's default torch for
+# Linux x86_64 is the CUDA build, which is what the GPU machine needs.
+"$PY" -m pip download --dest "$DEST" --only-binary=:all: --python-version "$PYVER" \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform any "${packages[@]}"
+"$PY" bench/compare_trl.py --export-inputs "$DEST/inputs"
+du -sh "$DEST"
