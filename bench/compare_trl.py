@@ -17,7 +17,8 @@ final model saved by both. Scenarios:
   c   a + assistant-only loss (TRL gets SmolLM2's template with {% generation %} markers, as its users must)
   d   each tool's defaults (only model, data, epochs, output and fp32 given; TRL's defaults include
       gradient checkpointing on, sftune's do not)
-  e   each tool's fastest settings: TRL packing (bfd, padding-free); sftune group_by_length
+  e   each tool's fastest settings: TRL packing (bfd, padding-free); sftune padding_free (on sdpa: every row
+      its own micro-batch, no padding, the same update as a)
   eg  as e, but TRL with group_by_length (TRL's other fast setting; the faster TRL row is the fair one)
 
 Metrics per run: whole-job wall seconds; training throughput = trained tokens / training seconds, where trained
@@ -32,9 +33,10 @@ the vocabulary head; the embedding lookup is no matmul) - attention score FLOPs 
 base still runs forward (2N) and passes gradients back to its inputs (2N), but computes no weight gradients, so
 4 x N_base + 6 x N_lora. Counted on trained tokens only: work on padding or untrained positions is not useful work.
 
-Quick mode (--quick): 64 conversations, max_length 512, 1 run per tool per scenario (default scenarios a,e):
-about 5-8 minutes on 2 busy cores. Full mode: 2,000 conversations, max_length 1024, 3 runs per tool: hours
-on 2 cores (one epoch of scenario a is ~0.5M trained tokens); see docs/benchmarks.md.
+Quick mode (--quick): 16 conversations (2 optimizer steps), max_length 256, 1 run per tool per scenario, default
+scenarios a,e: about 5 minutes per scenario on 2 free cores (much more when other jobs load the cores). Full
+mode: 2,000 conversations (1.07M tokens after truncation to 1024), max_length 1024, 3 runs per tool: about
+9 x 10^14 model FLOPs per run of scenario a: hours per run on 2 cores; see docs/benchmarks.md.
 
 Run:  .venv/bin/pip install -e ".[bench]"
       .venv/bin/python bench/compare_trl.py --quick                      # a, e; ~6 min
@@ -109,6 +111,7 @@ class RunResult:
     peak_gpu_mb: float = 0.0
     steps: int = 0
     final_loss: float = float("nan")
+    job_done_at: float = 0.0  # time.time() when the user's job (training and final save) was over
     error: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -126,16 +129,16 @@ def sftune_settings(job: Job) -> dict:
     if s == "d":
         return settings
     settings.update(max_length=job.max_length, per_device_train_batch_size=job.batch_size,
-                    gradient_accumulation_steps=1, learning_rate=2e-5, seed=42, save_strategy="no", eval_strategy="no", logging_steps=10,
-                    optim="adamw_torch_fused", attn_implementation=job.attn_implementation,
-                    gradient_checkpointing=False, dataset_num_proc=1)
+                    gradient_accumulation_steps=1, learning_rate=2e-5, seed=42, save_strategy="no",
+                    eval_strategy="no", logging_steps=10, optim="adamw_torch_fused",
+                    attn_implementation=job.attn_implementation, gradient_checkpointing=False, dataset_num_proc=1)
     if s == "b":
         settings.update(use_peft=True, lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                         lora_target_modules=LORA["targets"], learning_rate=2e-4)
     if s == "c":
         settings.update(assistant_only_loss=True)
-    if s in ("e", "eg"):
-        settings.update(group_by_length=True)
+    if s in ("e", "eg"):  # no compute on padding, same data order and update as scenario a
+        settings.update(padding_free=True)
     if job.liger and "use_liger_kernel" in _sftune_fields():
         settings.update(use_liger_kernel=True)
     return settings
@@ -158,9 +161,9 @@ def trl_settings(job: Job) -> dict:
     if s == "d":
         return settings
     settings.update(max_length=job.max_length, per_device_train_batch_size=job.batch_size,
-                    gradient_accumulation_steps=1, learning_rate=2e-5, seed=42, eval_strategy="no", logging_steps=10, optim="adamw_torch_fused",
-                    gradient_checkpointing=False, dataset_num_proc=1, lr_scheduler_type="linear", warmup_steps=0,
-                    weight_decay=0.0, max_grad_norm=1.0)
+                    gradient_accumulation_steps=1, learning_rate=2e-5, seed=42, eval_strategy="no", logging_steps=10,
+                    optim="adamw_torch_fused", gradient_checkpointing=False, dataset_num_proc=1,
+                    lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0)
     settings["model_init_kwargs"]["attn_implementation"] = job.attn_implementation
     if s == "b":
         settings.update(learning_rate=2e-4)
@@ -202,6 +205,7 @@ def run_sftune(job: Job) -> RunResult:
     torch.set_num_threads(job.threads)
     config = SFTConfig(**sftune_settings(job))
     result = train(config)
+    done = time.time()
     # the trained rows are not returned; recount from the data cache the run just wrote (same rows, same rule)
     from sftune.data.prepare import prepare_train_data
     from sftune.model.load import load_tokenizer
@@ -210,7 +214,7 @@ def run_sftune(job: Job) -> RunResult:
     tokens = sum(int((next_token_targets(r["labels"], r.get("seq_lengths")) != IGNORE_INDEX).sum()) for r in rows)
     last = [h for h in result.history if "loss" in h]
     return RunResult("sftune", job.scenario, train_seconds=result.train_seconds, trained_tokens=tokens,
-                     steps=result.global_step, final_loss=last[-1]["loss"] if last else float("nan"))
+                     job_done_at=done, steps=result.global_step, final_loss=last[-1]["loss"] if last else float("nan"))
 
 
 def run_trl(job: Job) -> RunResult:
@@ -232,6 +236,7 @@ def run_trl(job: Job) -> RunResult:
                          peft_config=peft_config)
     output = trainer.train()
     trainer.save_model()
+    done = time.time()
     prepared = trainer.train_dataset
     columns = prepared.column_names
     lengths = prepared["seq_lengths"] if "seq_lengths" in columns else [[len(ids)] for ids in prepared["input_ids"]]
@@ -239,7 +244,7 @@ def run_trl(job: Job) -> RunResult:
     tokens = _trained_positions(lengths, labels)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return RunResult("trl", job.scenario, train_seconds=output.metrics["train_runtime"],
-                     trained_tokens=tokens, steps=trainer.state.global_step,
+                     trained_tokens=tokens, job_done_at=done, steps=trainer.state.global_step,
                      final_loss=losses[-1] if losses else output.metrics.get("train_loss", float("nan")))
 
 
@@ -390,7 +395,7 @@ def run_child(job: Job, workdir: Path, index: int) -> RunResult:
                SFTUNE_DATA_CACHE=str(caches / "sftune"), HF_DATASETS_CACHE=str(caches / "hf"),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     log_file = workdir / f"run{index}-{job.tool}-{job.scenario}.log"
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     with open(log_file, "w") as log:
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(job_file), str(result_file)],
                        env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -399,7 +404,8 @@ def run_child(job: Job, workdir: Path, index: int) -> RunResult:
         return RunResult(job.tool, job.scenario, wall_seconds=wall, error=f"no result; see {log_file}")
     data = json.loads(result_file.read_text())
     result = RunResult(**data)
-    result.wall_seconds = wall
+    # up to the end of the user's job: the token count the child makes afterwards for this report is left out
+    result.wall_seconds = result.job_done_at - started_at if result.job_done_at else wall
     if result.error:
         result.error += f" (log: {log_file})"
     return result

@@ -47,7 +47,8 @@ def main() -> None:
     conversations = [r for r in chitchat_conversations(fetch("chitchat"))
                      if any(m["role"] == "assistant" for m in r["messages"])][args.skip:args.skip + 8]
     config = SFTConfig(model_name_or_path=str(source), max_length=args.max_length, dataset_num_proc=1)
-    rows = sorted(prepare_train_data(config, tokenizer, train_dataset=conversations).train_rows, key=lambda r: r["index"])
+    rows = prepare_train_data(config, tokenizer, train_dataset=conversations).train_rows
+    rows = sorted(rows, key=lambda r: r["index"])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), attn_implementation="sdpa")
     loss_model = CausalLMWithLoss(model)
