@@ -246,8 +246,11 @@ def _conversation(messages: list[dict], completion_start: int | None, row: dict,
         "chat_template_kwargs": _json_field(row, "chat_template_kwargs", dict, source, index),
     }
     images = row_images(row, source.origins[index][0], source.where(index))
-    if images or any(isinstance(m["content"], list) for m in messages):
+    if images or any(p["type"] == "image" for m in messages if isinstance(m["content"], list) for p in m["content"]):
         example["messages"], example["images"] = _with_image_parts(messages, images or [], source, index)
+    else:  # parts without images: plain text, which every chat template renders
+        example["messages"] = [{**m, "content": "".join(p["text"] for p in m["content"])}
+                               if isinstance(m["content"], list) else m for m in messages]
     return example
 
 

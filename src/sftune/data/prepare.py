@@ -110,6 +110,10 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
     if folder is not None:
         _save(folder, train, evaluation, data)
         log.info("data: prepared in %.1f s; cached in %s", stats["seconds"], folder)
+        if train.images is not None or evaluation.images is not None:
+            # rows as a cache hit gives them: images that were bytes or PIL images are now files in the entry,
+            # so the rows do not hold every image in memory
+            data = _load(folder) or data
     return data
 
 
@@ -144,6 +148,8 @@ class _Inputs:
 
 def _open_inputs(config: SFTConfig, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
                  formatting_func: Callable | None, processor: Any = None) -> _Inputs:
+    if processor is not None:
+        refuse_packing(config)
     if processor is not None and getattr(processor, "chat_template", None) and not config.chat_template_path:
         tokenizer.chat_template = processor.chat_template  # the template that renders images
     changes = configure_tokenizer(tokenizer, config)
@@ -170,6 +176,15 @@ def _open_inputs(config: SFTConfig, tokenizer: Any, train_dataset: Any, eval_dat
         parts["formatting_func"] = function_hash
         fingerprint = hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
     return _Inputs(specs, train, test, evaluation, formatting_func, stop_ids, fingerprint, processor)
+
+
+def refuse_packing(config: SFTConfig) -> None:
+    """Rows of a vision-language model are never joined: a packed row would have to carry each document's images
+    to the model in step with its image tokens, and the model would have to keep them apart; not done yet."""
+    for key in ("packing", "padding_free"):
+        if getattr(config, key):
+            raise ConfigError(f"config key '{key}' is true, but '{config.model_name_or_path}' is a vision-language "
+                              f"model, whose rows (and their images) sftune does not join yet: set {key}: false")
 
 
 def _sync_processor_template(processor: Any, tokenizer: Any) -> None:
@@ -243,13 +258,8 @@ def _read_sources(inputs: _Inputs, config: SFTConfig) -> list[_Source]:
         fmt, examples = _normalised(rows, spec, config, inputs.formatting_func)
         sources.append(_Source("eval_dataset", fmt, rows, [], np.zeros(0, dtype=np.int64), rows, examples,
                                np.arange(len(examples))))
-    if any("images" in e for s in sources for e in s.train + s.eval):
-        for key in ("packing", "padding_free"):
-            if getattr(config, key):
-                raise ConfigError(f"config key '{key}' is true, but the data has rows with images: {key} is not "
-                                  f"supported for image rows yet; set {key}: false")
-        if inputs.processor is not None:
-            check_processor_inputs(inputs.processor)
+    if inputs.processor is not None and any("images" in e for s in sources for e in s.train + s.eval):
+        check_processor_inputs(inputs.processor)
     return sources
 
 
@@ -287,7 +297,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
     checks = {name: {"rows": 0, "examples": []} for name in CHECKS}
     dropped: dict[str, int] = {}
     dropped_from_training: dict[str, int] = {}
-    counters = {"rows_checked": 0, "turns_checked": 0, "rows_truncated": 0, "images": 0, "images_truncated": 0}
+    counters = {"rows_checked": 0, "turns_checked": 0, "rows_truncated": 0, "images": 0}
     kept: dict[tuple[int, str], list[tuple[int, Tokenized]]] = {}
     for (s, split, i), result in zip(jobs, results):
         source = sources[s]
@@ -306,7 +316,6 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
         reason = result.drop
         if reason is None:
             counters["rows_truncated"] += result.truncated
-            counters["images_truncated"] += result.images_cut
             if trained_token_count(result.labels) == 0:
                 reason = "truncated_to_nothing" if result.truncated else "no_trained_tokens"
         if reason is not None:
@@ -335,7 +344,8 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
         for s, source in enumerate(sources)
     ]
     if require_rows and not any(len(d["train"]) for d in documents):
-        raise DataError(_nothing_left_message(config, dropped_from_training, sum(len(s.train) for s in sources)))
+        raise DataError(_nothing_left_message(config, dropped_from_training, sum(len(s.train) for s in sources),
+                                              [s.label for s in sources if s.train]))
     return documents, stats
 
 
@@ -383,16 +393,18 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _nothing_left_message(config: SFTConfig, dropped: dict[str, int], total: int) -> str:
+def _nothing_left_message(config: SFTConfig, dropped: dict[str, int], total: int, names: list[str]) -> str:
     why = {
         "no_assistant_turn": "have no assistant turn to train",
         "unlocated_turn": "have an assistant turn the chat template renders beyond recognition",
         "truncated_to_nothing": f"keep no trained token after truncation to max_length={config.max_length} "
                                 f"(truncation_mode={config.truncation_mode}): raise max_length",
         "no_trained_tokens": "have no token to train",
+        "image_beyond_max_length": f"have images whose tokens do not fit in max_length={config.max_length} "
+                                   "(truncation never cuts an image): raise max_length",
     }
     parts = "; ".join(f"{count} {why[reason]}" for reason, count in dropped.items())
-    return f"no training row is left: of {total} rows, {parts}"
+    return f"no training row is left: of {total} rows, {parts} (dataset: {', '.join(names)})"
 
 
 # ---------------------------------------------------------------- stage 4: mix, pack
@@ -470,8 +482,7 @@ def _log_stats(stats: dict[str, Any]) -> None:
              stats["documents"], stats["tokens"], 100 * stats["trained_fraction"], stats["rows_truncated"],
              sum(dropped.values()), f" ({dropped_text})" if dropped else "")
     if stats.get("images"):
-        cut = stats["images_truncated"]
-        log.info("data: %d images%s", stats["images"], f"; {cut} left out whole by truncation" if cut else "")
+        log.info("data: %d images in the kept rows", stats["images"])
     if stats["packing"]:
         log.info("data: packed into %d rows of %d tokens (%.1f%% full)", stats["rows"], stats["packing"]["length"],
                  100 * stats["packing"]["efficiency"])

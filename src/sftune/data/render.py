@@ -46,7 +46,6 @@ class Tokenized:
     checked_turns: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)  # (check name, what and where in the row)
     images: list | None = None  # image references, in the order of their tokens (rows with images)
-    images_cut: int = 0  # images left out by truncation, whole
     error: str | None = None  # a problem with the row that stops preparation (the caller adds where it is)
 
 
@@ -122,16 +121,10 @@ class ExampleTokenizer:
             result.ids, result.labels, result.truncated = result.ids[kept], result.labels[kept], True
         return result
 
-    def _kept_tokens(self, count: int, images: list[tuple[int, int]] = ()) -> slice:
-        """The tokens truncation keeps; the cut moves off any image it would split, leaving that image out whole."""
+    def _kept_tokens(self, count: int) -> slice:
         if self.max_length is None or count <= self.max_length:
             return slice(0, count)
-        if self.keep_end:
-            start = count - self.max_length
-            start = next((end for begin, end in images if begin < start < end), start)
-            return slice(start, count)
-        stop = next((begin for begin, end in images if begin < self.max_length < end), self.max_length)
-        return slice(0, stop)
+        return slice(count - self.max_length, count) if self.keep_end else slice(0, self.max_length)
 
     # ------------------------------------------------------------ plain text and prompt/completion
 
@@ -305,13 +298,13 @@ class ExampleTokenizer:
             labels[a:b] = IGNORE_INDEX
         if self.image_token_ids:
             labels[np.isin(ids, self.image_token_ids)] = IGNORE_INDEX
-        kept = self._kept_tokens(len(ids), image_ranges)
+        kept = self._kept_tokens(len(ids))
+        if any(a < kept.start or b > kept.stop for a, b in image_ranges):
+            result.drop = "image_beyond_max_length"  # a cut image (or one cut off) would not match its tokens
+            return
         cut = len(text) < len(full_text) or kept != slice(0, len(ids))
         result.ids, result.labels, result.truncated = ids[kept], labels[kept], cut
-        if job.images is not None:
-            inside = [kept.start <= a and b <= kept.stop for a, b in image_ranges]
-            result.images = [image for image, keep in zip(job.images, inside) if keep]
-            result.images_cut = len(job.images) - len(result.images)
+        result.images = job.images
         for number, turn in enumerate(turns):
             where = f"message {turn.message + 1}"
             if not has_tokens[number]:

@@ -9,11 +9,10 @@ A row as the rest of sftune sees it is a dict of views into these arrays:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import json
 
 import numpy as np
 
