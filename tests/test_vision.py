@@ -10,10 +10,10 @@ from conftest import IMAGE_TOKEN, random_images, write_jsonl
 from sftune import SFTConfig, train
 from sftune.cli import main
 from sftune.data.collate import make_collator
-from sftune.data.images import load_image
+from sftune.data.images import check_processor_inputs, load_image
 from sftune.data.prepare import prepare_train_data
 from sftune.data.render import IGNORE_INDEX
-from sftune.errors import ConfigError, DataError
+from sftune.errors import ConfigError, DataError, UserError
 from sftune.model.load import load_processor
 
 QUESTION = "what is this"
@@ -104,6 +104,24 @@ def test_assistant_only_and_completion_only_masks(tiny_llava_dir, image_dir):
     rows = sorted(data.train_rows, key=lambda r: r["index"])
     assert [trained_text(processor.tokenizer, r) for r in rows] == [f"{a}<|im_end|>" for a in ANSWERS[:2]]
     assert all((r["input_ids"] == processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).sum() == 4 for r in rows)
+
+    # plain-text contents with an `images` column: the image goes in front of the first user message's text
+    plain = [{"images": ["img/4.png"], "messages": [{"role": "user", "content": QUESTION},
+                                                    {"role": "assistant", "content": ANSWERS[0]}]}]
+    data, processor = prepared(config_for(tiny_llava_dir, write_jsonl(image_dir / "plain.jsonl", plain),
+                                          assistant_only_loss=True))
+    row = data.train_rows[0]
+    assert processor.tokenizer.decode(row["input_ids"]).startswith(f"<|im_start|>user\n{IMAGE_TOKEN * 4}{QUESTION}")
+    assert trained_text(processor.tokenizer, row) == f"{ANSWERS[0]}<|im_end|>"
+
+
+def test_processors_needing_other_inputs_are_refused():
+    from types import SimpleNamespace
+
+    gemma_like = SimpleNamespace(model_input_names=["input_ids", "attention_mask", "pixel_values", "token_type_ids"],
+                                 image_processor=SimpleNamespace(model_input_names=["pixel_values"]))
+    with pytest.raises(UserError, match="needs the model inputs token_type_ids"):
+        check_processor_inputs(gemma_like)
 
 
 def test_a_row_too_long_for_its_images_is_dropped_and_counted(tiny_llava_dir, image_dir, caplog):
