@@ -198,6 +198,7 @@ def test_pil_images_through_the_python_api(tiny_llava_dir, tmp_path):
         for image, answer in zip(images, ANSWERS)])
     config = config_for(tiny_llava_dir, "", dataset_name=None)
     data, processor = prepared(config, dataset)
+    assert not data.stats.get("cached")
     rows = sorted(data.train_rows, key=lambda r: r["index"])
     for row, image in zip(rows, images):  # written into the cache entry, losslessly, and referred to as files
         assert isinstance(row["images"][0], str)

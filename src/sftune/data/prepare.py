@@ -113,7 +113,9 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
         if train.images is not None or evaluation.images is not None:
             # rows as a cache hit gives them: images that were bytes or PIL images are now files in the entry,
             # so the rows do not hold every image in memory
-            data = _load(folder) or data
+            saved = _load(folder)
+            if saved is not None:
+                data.train_rows, data.eval_rows = saved.train_rows, saved.eval_rows
     return data
 
 
