@@ -209,3 +209,15 @@ def test_pil_images_through_the_python_api(tiny_llava_dir, tmp_path):
     batch = make_collator(config, processor.tokenizer, processor)(rows)
     expected = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch["pixel_values"], expected)
+
+
+def test_a_changed_image_file_prepares_the_data_again(tiny_llava_dir, image_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(image_dir / "img", tmp_path / "img")
+    data_file = write_jsonl(tmp_path / "rows.jsonl", image_rows())
+    config = config_for(tiny_llava_dir, data_file)
+    prepared(config)
+    assert prepared(config)[0].stats.get("cached")
+    random_images(1, seed=9)[0].save(tmp_path / "img" / "3.png")  # the data file is the same; an image is not
+    assert not prepared(config)[0].stats.get("cached")
