@@ -127,13 +127,13 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     processor = load_processor(config)  # None for text-only models
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
     with accelerator.main_process_first():  # the main process prepares and caches; the others read the cache
-        data = prepare_train_data(config, tokenizer, train_dataset, eval_dataset, formatting_func)
+        data = prepare_train_data(config, tokenizer, train_dataset, eval_dataset, formatting_func, processor)
     model = load_model(config, device=accelerator.device)
     fit_model_to_tokenizer(model, tokenizer)  # embeddings for tokens the template added; the EOS stops generation
     model = prepare_for_training(model, config)
 
     trainer = Trainer(model, tokenizer, data.train_rows, data.eval_rows, data.source_names, config, accelerator,
-                      output_dir, make_collator(config, tokenizer), processor=processor)
+                      output_dir, make_collator(config, tokenizer, processor), processor=processor)
     if resume_from is not None:
         trainer.resume(resume_from)
     log.info(

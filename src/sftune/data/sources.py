@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sftune.config import SFTConfig
+from sftune.data.images import fingerprint_default
 from sftune.errors import ConfigError, DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
@@ -263,7 +264,7 @@ def _open_in_memory(label: str, data: Any) -> OpenedSplit:
     if isinstance(data, list):
         if not all(isinstance(row, dict) for row in data):
             raise DataError(f"{label}: expected a list of dicts (one per row) or a datasets.Dataset")
-        digest = hashlib.blake2b(json.dumps(data, sort_keys=True, default=str).encode(), digest_size=16)
+        digest = hashlib.blake2b(json.dumps(data, sort_keys=True, default=fingerprint_default).encode(), digest_size=16)
         rows = data
         return OpenedSplit("list:" + digest.hexdigest(), lambda: SourceRows(label, rows, _row_origins(label, rows)))
     if hasattr(data, "to_list") and hasattr(data, "data"):  # a datasets.Dataset
