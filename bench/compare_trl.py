@@ -137,8 +137,12 @@ def sftune_settings(job: Job) -> dict:
                         lora_target_modules=LORA["targets"], learning_rate=2e-4)
     if s == "c":
         settings.update(assistant_only_loss=True)
-    if s in ("e", "eg"):  # no compute on padding, same data order and update as scenario a
-        settings.update(padding_free=True)
+    if s in ("e", "eg"):
+        if job.device == "cpu" or "flash" in job.attn_implementation:
+            # no compute on padding, same data order and update as scenario a (a joined varlen row on flash)
+            settings.update(padding_free=True)
+        else:  # on a GPU with sdpa, rows one by one would leave it underfed: batches of similar length instead
+            settings.update(group_by_length=True)
     if job.liger and "use_liger_kernel" in _sftune_fields():
         settings.update(use_liger_kernel=True)
     return settings

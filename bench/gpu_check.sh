@@ -6,9 +6,11 @@
 # $PY as they are when sftune, trl and a CUDA torch already import there.
 #
 # The comparison: bench/compare_trl.py on a Qwen2.5-0.5B-shaped model (24 layers, hidden 896, random weights,
-# SmolLM2's 49,152-token vocabulary), bf16, sdpa, 2,000 chit-chat conversations, max_length 1024, scenarios a
-# (plain, loss on all tokens), e (TRL: padding-free packing; sftune: its fastest) and eg (TRL: group_by_length),
-# 1 run each (RUNS=2 for medians of alternating runs, ~12 min); a Liger run of TRL's fastest (scenario e, --liger) when liger-kernel is installed.
+# SmolLM2's 49,152-token vocabulary), bf16, flash_attention_2 when flash-attn imports (else sdpa; or set ATTN),
+# 2,000 chit-chat conversations, max_length 1024, scenarios a (loss on all tokens), e (TRL: padding-free
+# packing; sftune: padding_free on flash, group_by_length on sdpa) and eg (TRL: group_by_length), 1 run each
+# (RUNS=2 for medians of alternating runs, ~12 min); then TRL's fastest (e) with use_liger_kernel, when
+# liger-kernel is installed (sftune has no use_liger_kernel yet; its chunked loss does that job).
 # Reports, per tool: trained tokens/s, MFU (model FLOPs 6N per trained token against --peak-tflops, 989 for
 # H100/H200 SXM bf16 dense) and peak GPU memory (torch.cuda.max_memory_allocated), with ratios sftune/TRL.
 #
@@ -53,8 +55,10 @@ else
     "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible to torch'; \
 print(torch.cuda.get_device_name(0), torch.version.cuda)"
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
+    ATTN=${ATTN:-$("$PY" -c "import flash_attn" 2>/dev/null && echo flash_attention_2 || echo sdpa)}
     COMMON=(--device cuda --dtype bfloat16 --model-config qwen2.5-0.5b --conversations 2000 --max-length 1024
-            --runs "$RUNS" --scenarios "$SCENARIOS" --batch-size "$BATCH" --peak-tflops "$PEAK_TFLOPS" --threads 8)
+            --runs "$RUNS" --scenarios "$SCENARIOS" --batch-size "$BATCH" --peak-tflops "$PEAK_TFLOPS" --threads 8
+            --attn "$ATTN")
 fi
 # 9 minutes at most for the main comparison; the Liger run only when time and the package allow
 timeout 540 "$PY" bench/compare_trl.py "${COMMON[@]}" "${INPUTS[@]}" --workdir "$OUT/work" \
