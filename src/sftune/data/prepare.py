@@ -353,7 +353,7 @@ def _available_cores() -> int:
 
 def _nothing_left_message(config: SFTConfig, dropped: dict[str, int], total: int) -> str:
     why = {
-        "no_assistant_turn": "have no assistant turn to train",
+        "no_assistant_turn": "have no assistant turn to train (end each conversation with an assistant reply)",
         "unlocated_turn": "have an assistant turn the chat template renders beyond recognition",
         "truncated_to_nothing": f"keep no trained token after truncation to max_length={config.max_length} "
                                 f"(truncation_mode={config.truncation_mode}): raise max_length",

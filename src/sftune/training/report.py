@@ -133,11 +133,18 @@ def trim_metrics_after(output_dir: Path, step: int) -> None:
     for name in (METRICS_FILENAME, SAMPLES_FILENAME):
         path = output_dir / name
         if path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             tmp.replace(path)
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill (or blank) counts as after every checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
 
 
 def _append_json(path: Path, record: dict[str, Any]) -> None:
