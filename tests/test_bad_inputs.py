@@ -60,9 +60,9 @@ def set_up(case: dict, tmp: Path, model_dir: Path) -> list[str]:
     for name, text in case.get("files", {}).items():
         path = tmp / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(fill(text, places), encoding="utf-8")
+        path.write_text(fill(text, places), encoding=case.get("encoding", "utf-8"))
     argv = [case.get("command", "train")]
-    if "command" not in case and not case.get("no_config"):
+    if argv[0] in ("train", "inspect") and not case.get("no_config"):
         config_path = tmp / "config.yaml"
         if "config_text" in case:
             config_path.write_text(fill(case["config_text"], places), encoding="utf-8")
