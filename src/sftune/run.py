@@ -146,15 +146,18 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
     with accelerator.main_process_first():  # the main process prepares and caches; the others read the cache
         data = prepare_train_data(config, tokenizer, train_dataset, eval_dataset, formatting_func)
+    if config.eval_strategy != "no" and not data.eval_rows:
+        raise UserError(f"eval_strategy: {config.eval_strategy}, but there is no eval data: set dataset_test_split "
+                        "or eval_ratio (or pass eval_dataset), or set eval_strategy: no")
     model = load_model(config, device=accelerator.device)
     fit_model_to_tokenizer(model, tokenizer)  # embeddings for tokens the template added; the EOS stops generation
     model = prepare_for_training(model, config)
-    if accelerator.is_main_process:  # only now, so that a run that failed to start leaves output_dir as it was
-        output_dir = claim_output_dir(config, resume_from)
-    accelerator.wait_for_everyone()
 
     trainer = Trainer(model, tokenizer, data.train_rows, data.eval_rows, data.source_names, config, accelerator,
                       output_dir, make_collator(config, tokenizer), processor=processor)
+    if accelerator.is_main_process:  # only now, so that a run that failed to start leaves output_dir as it was
+        claim_output_dir(config, resume_from)
+    accelerator.wait_for_everyone()
     if resume_from is not None:
         trainer.resume(resume_from)
     log.info(

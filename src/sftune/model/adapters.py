@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from sftune.config import CONFIG_FILENAME, SFTConfig, load_config
-from sftune.errors import UserError
+from sftune.errors import ConfigError, UserError
 from sftune.model.load import (
     IMAGE_TEXT_TO_TEXT,
     compute_dtype,
@@ -34,6 +34,8 @@ from sftune.model.load import (
 log = logging.getLogger("sftune")
 
 ADAPTER_CONFIG = "adapter_config.json"
+# What torch.utils.checkpoint.checkpoint takes besides the function and its inputs.
+CHECKPOINT_KWARGS = {"use_reentrant", "preserve_rng_state", "context_fn", "determinism_check", "debug"}
 ALL_LINEAR = "all-linear"
 
 
@@ -56,6 +58,10 @@ def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None) -> None
     over a frozen base would otherwise drop every gradient of the adapters inside the checkpointed layers.
     """
     kwargs = {"use_reentrant": False} if kwargs is None else dict(kwargs)
+    unknown = sorted(set(kwargs) - CHECKPOINT_KWARGS)
+    if unknown:  # torch would only complain at the first backward pass, with no word of the config key
+        raise ConfigError(f"config key 'gradient_checkpointing_kwargs' has '{unknown[0]}', which "
+                          f"torch.utils.checkpoint does not take (known: {', '.join(sorted(CHECKPOINT_KWARGS))})")
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 renamed the method
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

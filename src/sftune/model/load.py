@@ -191,6 +191,11 @@ def load_model(config: SFTConfig, device: torch.device | str | None = None) -> A
         model = model_class.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as err:
         raise _load_error("the model", config, err) from None
+    except TypeError as err:
+        if not config.model_init_kwargs:
+            raise
+        raise ConfigError(f"config key 'model_init_kwargs': {model_class.__name__}.from_pretrained refused "
+                          f"them ({first_line(err)}): check model_init_kwargs") from None
     except RuntimeError as err:
         if quantization is None:
             raise

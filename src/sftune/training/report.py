@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sftune.config import SFTConfig
+from sftune.config import SFTConfig, without_secrets
 from sftune.errors import UserError
 
 METRICS_FILENAME = "metrics.jsonl"
@@ -64,7 +64,7 @@ class _WandB:
 
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sftune"), name=run_name, config=config.to_dict())
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sftune"), name=run_name, config=without_secrets(config.to_dict()))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
@@ -80,7 +80,7 @@ class _Trackio:
         import trackio
 
         self.trackio = trackio
-        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "sftune"), name=run_name, config=config.to_dict(),
+        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "sftune"), name=run_name, config=without_secrets(config.to_dict()),
                      embed=False)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
