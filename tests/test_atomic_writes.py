@@ -131,3 +131,32 @@ def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_the_resume(tiny_model_
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [line["step"] for line in lines if "loss" in line] == [1, 2]
     assert torch.isfinite(torch.tensor([line["loss"] for line in lines if "loss" in line])).all()
+
+
+def test_a_full_disk_while_logging_or_caching_is_handled(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The data cache is optional: a failed cache write is a warning. A failed metrics line is one clear error."""
+    import errno
+
+    from sftune.data import prepare
+    from sftune.training import report
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(8, seed=5))
+    settings = dict(model_name_or_path=str(tiny_model_dir), dataset_name=str(data), max_steps=1,
+                    save_strategy="no", max_length=64, per_device_train_batch_size=4)
+    monkeypatch.setattr(prepare, "_save", disk_full)
+    assert train(SFTConfig(output_dir=str(tmp_path / "a"), **settings)).global_step == 1
+    assert "not cached" in capsys.readouterr().err
+
+    real_open = Path.open
+
+    def open_unless_metrics(self, *args, **kwargs):
+        if self.name == "metrics.jsonl":
+            disk_full()
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(report.Path, "open", open_unless_metrics)
+    with pytest.raises(UserError, match=r"could not write .*metrics.jsonl \(No space left on device\).*resume"):
+        train(SFTConfig(output_dir=str(tmp_path / "b"), **settings))

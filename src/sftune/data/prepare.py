@@ -99,8 +99,12 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
     data = PreparedData(train.rows(), evaluation.rows(), stats, names)
     _log_stats(stats)
     if folder is not None:
-        _save(folder, train, evaluation, data)
-        log.info("data: prepared in %.1f s; cached in %s", stats["seconds"], folder)
+        try:
+            _save(folder, train, evaluation, data)
+            log.info("data: prepared in %.1f s; cached in %s", stats["seconds"], folder)
+        except OSError as err:  # the cache only saves time: a full or read-only disk must not stop the run
+            log.warning("data: prepared in %.1f s; not cached (%s: %s)", stats["seconds"], folder,
+                        err.strerror or err)
     return data
 
 

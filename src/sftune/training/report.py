@@ -148,8 +148,14 @@ def _step_of(line: str) -> float:
 
 
 def _append_json(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, allow_nan=True) + "\n")
+    try:
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, allow_nan=True) + "\n")
+    except OSError as err:
+        raise UserError(
+            f"could not write {path} ({err.strerror or err}); the checkpoints are untouched: free some space, "
+            "then continue with resume_from_checkpoint: true"
+        ) from None
 
 
 def _short(value: Any) -> str:
