@@ -113,7 +113,8 @@ def test_bad_input_gives_one_clear_line_and_exit_code_2(case, tiny_model_dir, tm
 
 
 def test_the_console_script_behaves_the_same(tmp_path):
-    """The installed `sftune` entry point, in its own process: exit code 2, one line, no traceback."""
+    """The installed `sftune` entry point, in its own process: exit code 2, one line, no traceback; with --debug,
+    the traceback (a config error: the process needs no torch, so this stays fast)."""
     (tmp_path / "config.yaml").write_text("learnig_rate: 1.0e-4\n", encoding="utf-8")
     script = Path(sys.executable).with_name("sftune")
     result = subprocess.run([str(script), "train", str(tmp_path / "config.yaml")], capture_output=True, text=True)
@@ -121,13 +122,22 @@ def test_the_console_script_behaves_the_same(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"sftune: error: {tmp_path / 'config.yaml'}: unknown key 'learnig_rate' (did you mean 'learning_rate'?)"
     ]
+    debug = subprocess.run([str(script), "train", str(tmp_path / "config.yaml"), "--debug"], capture_output=True,
+                           text=True)
+    assert debug.returncode == 1
+    assert debug.stderr.startswith("Traceback (most recent call last)")
+    assert "sftune.errors.ConfigError" in debug.stderr and "did you mean 'learning_rate'" in debug.stderr
 
 
-def test_debug_shows_the_traceback(tiny_model_dir, tmp_path):
-    """--debug lets the error through with its traceback (here from a data error, deep in the pipeline)."""
+def test_debug_lets_a_deep_error_through_with_its_traceback(tiny_model_dir, tmp_path):
+    """--debug: the error from deep in the data pipeline reaches the caller whole, traceback and all."""
+    import traceback
+
+    from sftune.errors import DataError
+
     case = next(case for case in CASES if case["id"] == "data-wrong-role")
     argv = set_up(case, tmp_path, tiny_model_dir)
-    result = subprocess.run([sys.executable, "-m", "sftune", *argv, "--debug"], capture_output=True, text=True)
-    assert result.returncode == 1
-    assert "Traceback (most recent call last)" in result.stderr
-    assert "DataError" in result.stderr and "did you mean 'assistant'" in result.stderr
+    with pytest.raises(DataError, match="did you mean 'assistant'") as caught:
+        main([*argv, "--debug"])
+    frames = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+    assert frames[1] == "main" and "_messages" in frames  # from the CLI down to the function that found it
