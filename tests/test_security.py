@@ -145,6 +145,7 @@ def test_the_saved_config_never_holds_a_credential(tmp_path, monkeypatch):
     values = {"hub_token": planted, "wandb_api_key": planted, "token": planted, "eos_token": "<|im_end|>",
               "model_init_kwargs": {"token": planted, "revision": "main"}}
     assert without_secrets(values) == {"eos_token": "<|im_end|>", "model_init_kwargs": {"revision": "main"}}
+    assert without_secrets(SFTConfig().to_dict()) == SFTConfig().to_dict()  # no setting of ours looks like one
     # a field holding a secret, as a push-to-hub setting might: it never reaches sftune_config.yaml
     config = SFTConfig(model_init_kwargs={"token": planted})
     monkeypatch.setattr(SFTConfig, "to_dict", lambda self: {"hub_token": planted, **vars(self)})
