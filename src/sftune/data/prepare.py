@@ -108,14 +108,19 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
     _sync_processor_template(processor, tokenizer)
     _log_stats(stats)
     if folder is not None:
-        _save(folder, train, evaluation, data)
-        log.info("data: prepared in %.1f s; cached in %s", stats["seconds"], folder)
-        if train.images is not None or evaluation.images is not None:
-            # rows as a cache hit gives them: images that were bytes or PIL images are now files in the entry,
-            # so the rows do not hold every image in memory
-            saved = _load(folder)
-            if saved is not None:
-                data.train_rows, data.eval_rows = saved.train_rows, saved.eval_rows
+        try:
+            _save(folder, train, evaluation, data)
+            log.info("data: prepared in %.1f s; cached in %s", stats["seconds"], folder)
+        except OSError as err:  # the cache only saves time: a full or read-only disk must not stop the run
+            log.warning("data: prepared in %.1f s; not cached (%s: %s)", stats["seconds"], folder,
+                        err.strerror or err)
+        else:
+            if train.images is not None or evaluation.images is not None:
+                # rows as a cache hit gives them: images that were bytes or PIL images are now files in the entry,
+                # so the rows do not hold every image in memory
+                saved = _load(folder)
+                if saved is not None:
+                    data.train_rows, data.eval_rows = saved.train_rows, saved.eval_rows
     return data
 
 
@@ -397,7 +402,7 @@ def _available_cores() -> int:
 
 def _nothing_left_message(config: SFTConfig, dropped: dict[str, int], total: int, names: list[str]) -> str:
     why = {
-        "no_assistant_turn": "have no assistant turn to train",
+        "no_assistant_turn": "have no assistant turn to train (end each conversation with an assistant reply)",
         "unlocated_turn": "have an assistant turn the chat template renders beyond recognition",
         "truncated_to_nothing": f"keep no trained token after truncation to max_length={config.max_length} "
                                 f"(truncation_mode={config.truncation_mode}): raise max_length",

@@ -180,6 +180,18 @@ def _open_files(name: str, files: list[Path]) -> OpenedSplit:
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start} of a line or the file): save it as UTF-8") from None
+    except DataError:
+        raise
+    except Exception as err:  # pyarrow's errors for a corrupt or mislabelled parquet / arrow file
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: not a readable {path.suffix} file ({first_line}): check the file or its extension") from None
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_json_lines(path)
@@ -201,8 +213,13 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
 
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} line {number}: not UTF-8 text (byte {err.start} of the line): "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

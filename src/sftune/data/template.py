@@ -64,6 +64,16 @@ def read_template_file(path_text: str) -> str:
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise ConfigError(f"config key 'chat_template_path' = {path_text!r}: the file is empty")
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:  # with the extensions transformers renders with ({% generation %}, loop controls)
+        _compile_jinja_template(text)
+    except TemplateSyntaxError as err:
+        raise ConfigError(
+            f"config key 'chat_template_path' = {path_text!r}: line {err.lineno} of {path} is not valid Jinja "
+            f"({err.message}): fix the template"
+        ) from None
     return text
 
 
