@@ -84,6 +84,23 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("run_dir", metavar="RUN_DIR", help="A run folder holding adapter_config.json.")
     merge.add_argument("--output", required=True, metavar="DIR", help="New folder for the merged model.")
     merge.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
+
+    chat = commands.add_parser(
+        "chat", help="Talk to a trained model: a run's output_dir (full model or adapter) or a merged model.",
+        allow_abbrev=False, usage="sftune chat RUN_DIR [--prompt TEXT] [--system TEXT] [--max_new_tokens N] "
+        "[--temperature T]",
+        description="Load the model in RUN_DIR (an adapter on the base model its run names) and chat with it: "
+        "interactive, with the conversation's history and the reply printed as it is generated, or one answer "
+        "to --prompt. Replies end at the end-of-turn token the model was trained to write.",
+    )
+    chat.add_argument("run_dir", metavar="RUN_DIR", help="A run's output_dir, or a folder written by sftune merge.")
+    chat.add_argument("--prompt", metavar="TEXT", help="Answer this one message and exit.")
+    chat.add_argument("--system", metavar="TEXT", help="System message that opens the conversation.")
+    chat.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=256, metavar="N",
+                      help="Longest reply in tokens (default: 256).")
+    chat.add_argument("--temperature", type=float, default=0.7, metavar="T",
+                      help="Sampling temperature; 0 answers greedily, the same every time (default: 0.7).")
+    chat.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
     return parser
 
 
@@ -98,7 +115,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     if args.command is None:
         parser.print_help()
         raise SystemExit(EXIT_USER_ERROR)
-    reserved = {"command", "config", "debug", "num_processes", "run_dir", "output", "jsonl", "num_examples"}
+    reserved = {"command", "config", "debug", "num_processes", "run_dir", "output", "jsonl", "num_examples",
+                "prompt", "system", "max_new_tokens", "temperature"}
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     return args, overrides
 
@@ -131,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging()
             merge_adapter(args.run_dir, args.output)
+        elif args.command == "chat":
+            from sftune.chat import run_chat
+            from sftune.run import setup_logging
+
+            setup_logging()
+            run_chat(args.run_dir, args.prompt, args.system, args.max_new_tokens, args.temperature)
         return 0
     except UserError as err:
         if debug:
