@@ -101,6 +101,19 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7, metavar="T",
                       help="Sampling temperature; 0 answers greedily, the same every time (default: 0.7).")
     chat.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
+
+    push = commands.add_parser(
+        "push", help="Upload a finished run to the Hugging Face Hub (again, after a failed push).",
+        allow_abbrev=False, usage="sftune push RUN_DIR [--hub_model_id ID] [--hub_private_repo true|false]",
+        description="Upload a run's output_dir (model or adapter, tokenizer, model card, loss plot, metrics, config; "
+        "not checkpoints) to the repository its config names. The token comes from HF_TOKEN or `hf auth login`.",
+    )
+    push.add_argument("run_dir", metavar="RUN_DIR", help="A run's output_dir.")
+    push.add_argument("--hub_model_id", "--hub-model-id", metavar="ID",
+                      help="Repository 'name' or 'owner/name' (default: the run's hub_model_id, else the folder's name).")
+    push.add_argument("--hub_private_repo", "--hub-private-repo", choices=["true", "false"],
+                      help="Create the repository as private or public (default: the run's setting).")
+    push.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
     return parser
 
 
@@ -155,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging()
             run_chat(args.run_dir, args.prompt, args.system, args.max_new_tokens, args.temperature)
+        elif args.command == "push":
+            from sftune.export.hub import push_saved_run
+            from sftune.run import setup_logging
+
+            setup_logging()
+            private = None if args.hub_private_repo is None else args.hub_private_repo == "true"
+            push_saved_run(args.run_dir, args.hub_model_id, private)
         return 0
     except UserError as err:
         if debug:

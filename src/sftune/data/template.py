@@ -133,8 +133,9 @@ def generation_stop_ids(tokenizer: Any) -> list[int]:
 
 
 def stop_token_ids(tokenizer: Any, model_name: str | None) -> set[int]:
-    """Token ids that stop generation: the tokenizer's EOS, plus the model's generation_config eos_token_id."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    """Token ids that stop generation: the tokenizer's EOS and the template's end-of-turn token (sftune saves both in
+    the trained model's generation config), plus the model's own generation_config eos_token_id."""
+    ids = set(generation_stop_ids(tokenizer))
     folder = Path(model_name).expanduser() if model_name else None
     if folder is not None and (folder / "generation_config.json").is_file():
         try:

@@ -77,41 +77,49 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
 
 
 def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Train loss, eval loss (when evaluated) and the learning rate on a second axis, as a PNG. False when there
-    is nothing to plot or matplotlib cannot draw (the card then goes without it)."""
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m and _finite(m["loss"])]
-    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m and _finite(m["eval_loss"])]
-    rates = [(m["step"], m["learning_rate"]) for m in metrics if "learning_rate" in m]
-    if not train and not evals:
-        return False
+    """Save `loss_figure` as a PNG. False when there is nothing to plot or matplotlib cannot draw (the card then
+    goes without it and says so)."""
     try:
-        from matplotlib.figure import Figure  # no pyplot: nothing global changes in the caller's session
-
-        figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
-        axes = figure.subplots()
-        marker = "o" if len(train) <= 30 else None
-        lines = []
-        if train:
-            lines += axes.plot(*zip(*train), color="tab:blue", marker=marker, markersize=3, label="train loss")
-        if evals:
-            lines += axes.plot(*zip(*evals), color="tab:orange", marker="o", markersize=4, label="eval loss")
-        axes.set_xlabel("optimizer step")
-        axes.set_ylabel("loss")
-        axes.grid(alpha=0.3)
-        if rates:
-            rate_axes = axes.twinx()
-            lines += rate_axes.plot(*zip(*rates), color="tab:gray", linestyle="--", linewidth=1, label="learning rate")
-            rate_axes.set_ylabel("learning rate", color="tab:gray")
-            rate_axes.tick_params(axis="y", colors="tab:gray")
-            rate_axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-            rate_axes.set_ylim(bottom=0)
-        axes.legend(lines, [line.get_label() for line in lines], loc="upper right", framealpha=0.9)
-        axes.set_title(title)
+        figure = loss_figure(metrics, title)
+        if figure is None:
+            return False
         figure.savefig(path)
         return True
     except Exception as err:  # matplotlib missing or failing: the card is still written
         log.warning("could not draw the loss plot (%s: %s); the model card goes without it", type(err).__name__, err)
         return False
+
+
+def loss_figure(metrics: list[dict[str, Any]], title: str) -> Any:
+    """Train loss, eval loss (when evaluated) and the learning rate on a second axis; None with no loss logged."""
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m and _finite(m["loss"])]
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m and _finite(m["eval_loss"])]
+    rates = [(m["step"], m["learning_rate"]) for m in metrics if "learning_rate" in m]
+    if not train and not evals:
+        return None
+    from matplotlib.figure import Figure  # no pyplot: nothing global changes in the caller's session
+
+    figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+    axes = figure.subplots()
+    marker = "o" if len(train) <= 30 else None
+    lines = []
+    if train:
+        lines += axes.plot(*zip(*train), color="tab:blue", marker=marker, markersize=3, label="train loss")
+    if evals:
+        lines += axes.plot(*zip(*evals), color="tab:orange", marker="o", markersize=4, label="eval loss")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    if rates:
+        rate_axes = axes.twinx()
+        lines += rate_axes.plot(*zip(*rates), color="tab:gray", linestyle="--", linewidth=1, label="learning rate")
+        rate_axes.set_ylabel("learning rate", color="tab:gray")
+        rate_axes.tick_params(axis="y", colors="tab:gray")
+        rate_axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        rate_axes.set_ylim(bottom=0)
+    axes.legend(lines, [line.get_label() for line in lines], loc="upper right", framealpha=0.9)
+    axes.set_title(title)
+    return figure
 
 
 def _finite(value: Any) -> bool:
@@ -130,6 +138,9 @@ def card_text(summary: RunSummary, plotted: bool) -> str:
     parts = [f"---\n{metadata_yaml}---\n", f"# {title}\n", _introduction(config, base, adapter, stats)]
     if plotted:
         parts.append(f"![Training loss and learning rate]({PLOT_FILENAME})\n")
+    elif any("loss" in m or "eval_loss" in m for m in summary.metrics):
+        parts.append("(No loss plot: matplotlib could not draw it, see the run's log; the values are in "
+                     f"`{METRICS_FILENAME}`.)\n")
     parts += [
         _quick_start(summary, adapter is not None, base),
         _data_section(config, stats),

@@ -1,8 +1,8 @@
 """Push a finished run to the Hugging Face Hub: the model or adapter, tokenizer, card, plot, metrics and config.
 
 The token is huggingface_hub's business: HF_TOKEN, or the file `hf auth login` writes. sftune never reads it
-into its config, logs or files. Checkpoints (optimizer states, often several times the model's size), hidden
-staging folders and temporary files stay local. A push that fails leaves the local run as it was.
+into its config, logs or files. Checkpoints, hidden staging folders and temporary files stay local. A push that
+fails leaves the local run as it was and says how to push it again (`sftune push RUN_DIR`).
 """
 
 from __future__ import annotations
@@ -50,40 +50,43 @@ def check_push_settings(config: SFTConfig) -> str:
     return name if "/" in name else f"{account}/{name}"
 
 
-def files_to_push(output_dir: Path) -> list[Path]:
-    """Everything in output_dir but checkpoints, hidden files and folders (staging), and temporary files."""
-    chosen = []
-    for path in sorted(output_dir.rglob("*")):
-        relative = path.relative_to(output_dir)
-        if not path.is_file() or path.suffix == ".tmp" or any(part.startswith(".") for part in relative.parts):
-            continue
-        if relative.parts[0].startswith("checkpoint-") and len(relative.parts) > 1:
-            continue
-        chosen.append(path)
-    return chosen
+# Left out of a push: checkpoints (optimizer states, often several times the model's size), hidden files and
+# folders (the staging folders of atomic saves), and temporary files. fnmatch's '*' also matches '/'.
+NOT_PUSHED = ["checkpoint-*", ".*", "*.tmp"]
 
 
 def push_run(output_dir: Path, repo_id: str, private: bool | None) -> str:
-    """Create the repository if needed and upload the run in one commit. Returns the commit's URL."""
-    from huggingface_hub import CommitOperationAdd
-
-    files = files_to_push(output_dir)
-    log.info("pushing %d files (%.1f MB) to the Hub repository %s", len(files),
-             sum(p.stat().st_size for p in files) / 2**20, repo_id)
+    """Create the repository if needed and upload the run folder in one commit. Returns the commit's URL."""
     api = _api()
+    log.info("pushing %s to the Hub repository %s", output_dir, repo_id)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        operations = [CommitOperationAdd(path_in_repo=p.relative_to(output_dir).as_posix(), path_or_fileobj=str(p))
-                      for p in files]
-        commit = api.create_commit(repo_id, operations, commit_message=COMMIT_MESSAGE)
-    except Exception as err:
-        log.error("the push to %s failed: %s", repo_id, _reason(err))
+        commit = api.upload_folder(repo_id=repo_id, folder_path=output_dir, ignore_patterns=NOT_PUSHED,
+                                   commit_message=COMMIT_MESSAGE)
+    except Exception as err:  # HTTP errors, no network, a refused token: the local run is untouched either way
         raise HubPushError(
-            f"the push to the Hub repository {repo_id} failed ({_reason(err)}); the run is saved in {output_dir}. "
-            f"Upload it later with `hf upload {repo_id} {output_dir} --exclude 'checkpoint-*/*' --exclude '.*'`"
+            f"the push to the Hub repository {repo_id} failed ({_reason(err)}); the run is saved in {output_dir}: "
+            f"push it again with `sftune push {output_dir}`"
         ) from None
     log.info("pushed to %s", commit.commit_url)
     return commit.commit_url
+
+
+def push_saved_run(run_dir: str | Path, hub_model_id: str | None = None, private: bool | None = None) -> str:
+    """`sftune push RUN_DIR`: push a finished run (again), to the repository its saved config names unless
+    `hub_model_id` is given."""
+    from sftune.config import CONFIG_FILENAME, load_config
+
+    folder = Path(run_dir).expanduser()
+    if not (folder / CONFIG_FILENAME).is_file():
+        raise UserError(f"'{folder}' holds no {CONFIG_FILENAME}: expected the output_dir of an sftune run")
+    overrides: dict[str, Any] = {"output_dir": str(folder)}
+    if hub_model_id is not None:
+        overrides["hub_model_id"] = hub_model_id
+    if private is not None:
+        overrides["hub_private_repo"] = private
+    config = load_config(folder / CONFIG_FILENAME, overrides)
+    return push_run(folder, check_push_settings(config), config.hub_private_repo)
 
 
 def _api() -> Any:
