@@ -389,32 +389,47 @@ def test_push_uploads_the_run_and_no_secret_leaks(base_dir, answer_data, fake_hu
         assert all(secret.encode() not in content for content in fake_hub.files.values())
 
 
-def test_a_failed_push_keeps_the_run_and_says_how_to_retry(full_run, fake_hub, tmp_path):
+@pytest.fixture
+def hub_here(monkeypatch):
+    """Point this process's huggingface_hub at a fake Hub (it read HF_ENDPOINT when imported), online, with the
+    planted token."""
+    from huggingface_hub import constants
+
+    def point_to(endpoint: str) -> None:
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", HF_SECRET)
+
+    return point_to
+
+
+def test_a_failed_push_keeps_the_run_and_says_how_to_retry(full_run, fake_hub, hub_here, capsys, monkeypatch):
+    import huggingface_hub.utils._http as hub_http
+
+    monkeypatch.setattr(hub_http.time, "sleep", lambda seconds: None)  # huggingface_hub retries a 500 five times
     out = full_run.output_dir
     before = folder_digest(out)
+    hub_here(fake_hub.endpoint)
     fake_hub.fail = True
-    done = sftune(["push", str(out), "--hub_model_id", "someone/tiny"], fake_hub.endpoint, tmp_path)
-    assert done.returncode == 2
-    error = done.stderr.strip().splitlines()[-1]
+    assert main(["push", str(out), "--hub_model_id", "someone/tiny"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("sftune: error: the push to the Hub repository someone/tiny failed")
-    assert "500" in error and f"sftune push {out}" in error and "Traceback" not in done.stderr
+    assert "500" in error and f"sftune push {out}" in error and HF_SECRET not in error
     assert folder_digest(out) == before and not fake_hub.files
 
     fake_hub.fail = False  # the Hub is back: the retry uploads the run
-    done = sftune(["push", str(out), "--hub_model_id", "someone/tiny"], fake_hub.endpoint, tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert main(["push", str(out), "--hub_model_id", "someone/tiny"]) == 0
     assert {"model.safetensors", "README.md", "loss_curve.png", "generation_config.json"} <= set(fake_hub.files)
     assert folder_digest(out) == before
 
 
-def test_no_hub_stops_a_push_run_before_training(base_dir, answer_data, tmp_path):
+def test_no_hub_stops_a_push_run_before_training(base_dir, answer_data, hub_here, tmp_path, capsys):
+    hub_here("http://127.0.0.1:9")  # nothing listens on port 9
     out = tmp_path / "run"
-    done = sftune(["train", "--model_name_or_path", str(base_dir), "--dataset_name", str(answer_data),
-                   "--output_dir", str(out), "--max_steps", "2", "--push_to_hub", "true"],
-                  "http://127.0.0.1:9", tmp_path)  # nothing listens on port 9
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    error = done.stderr.strip().splitlines()[-1]
-    assert "push_to_hub" in error and "HF_TOKEN" in error and HF_SECRET not in done.stderr
+    assert main(["train", "--model_name_or_path", str(base_dir), "--dataset_name", str(answer_data),
+                 "--output_dir", str(out), "--max_steps", "2", "--push_to_hub", "true"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "push_to_hub" in error and "HF_TOKEN" in error and HF_SECRET not in error
     assert not out.exists()  # stopped before anything was loaded or written
 
 
