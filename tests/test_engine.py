@@ -214,13 +214,14 @@ def test_train_loss_per_source(tiny_model_dir, data_file, tmp_path):
 # ---------------------------------------------------------------- checkpoints and exact resume
 
 
-def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(dropout_model_dir, data_file, tmp_path):
-    """6 steps straight, against 3 steps + checkpoint + resume + 3 steps: the same losses and weights.
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(dropout_model_dir, data_file, tmp_path, packing):
+    """7 steps straight, against 3 steps + checkpoint + resume + 4 steps: the same losses and weights.
 
-    24 rows in steps of 8 rows: the run crosses two epoch boundaries (reshuffling), and dropout makes every
-    step depend on the random generators.
+    Steps of 8 rows: the run crosses epoch boundaries (reshuffling), with packed rows too, and dropout makes
+    every step depend on the random generators.
     """
-    settings = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=7)
+    settings = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=7, packing=packing)
     full = train(config_for(dropout_model_dir, data_file, tmp_path / "full", save_strategy="steps", save_steps=3,
                             **settings))
     assert [step for step, _ in list_checkpoints(tmp_path / "full")] == [3, 6]
@@ -381,8 +382,9 @@ def test_a_missing_tracker_package_is_a_clear_error(tiny_model_dir, data_file, t
 # ---------------------------------------------------------------- data parallelism, compilation, determinism
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, data_file, tmp_path):
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, tmp_path):
     """2 CPU processes over gloo x batch 2 against 1 process x batch 4: the same per-step losses."""
+    data_file = write_jsonl(tmp_path / "fresh.jsonl", conversations(24, seed=21))  # not in the data cache yet
     common = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data_file), "--max_steps", "4",
               "--logging_steps", "1", "--learning_rate", "1e-3", "--max_length", "128", "--save_strategy", "no"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -391,6 +393,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, data
                          capture_output=True, text=True, timeout=300, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "(2 x 1 accumulation x 2 processes)" in ddp.stderr  # really two processes, not two copies
+    # the data is prepared once: the main process prepares and caches, the other reads the cache
+    assert ddp.stderr.count("data: prepared in") == 1 and ddp.stderr.count("data: using the prepared data") == 1
     single = train(config_for(tiny_model_dir, data_file, tmp_path / "one", max_steps=4, per_device_train_batch_size=4))
     lines = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4]  # written once, by the main process only
