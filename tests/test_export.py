@@ -193,6 +193,20 @@ def test_generation_stops_at_the_end_of_turn_token_with_plain_transformers(full_
     assert len(longer[0]) - inputs["input_ids"].shape[1] > len(reply)
 
 
+def test_real_qwen3_base_template_stops_at_im_end():
+    """Qwen3's base models end text with <|endoftext|> but their template ends each turn with <|im_end|>."""
+    from conftest import asset_folder
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from sftune.data.template import set_generation_stops
+
+    tokenizer = AutoTokenizer.from_pretrained(asset_folder("qwen3-tokenizer"), eos_token="<|endoftext|>")
+    generation = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+    set_generation_stops(generation, tokenizer)
+    assert tokenizer.convert_ids_to_tokens(generation.eos_token_id) == ["<|im_end|>", "<|endoftext|>"]
+    assert generation.pad_token_id == tokenizer.pad_token_id
+
+
 def test_adapter_run_hands_on_with_peft(adapter_run):
     out = adapter_run.output_dir
     assert {"adapter_config.json", "adapter_model.safetensors", "generation_config.json"} <= set(os.listdir(out))
@@ -226,10 +240,20 @@ def merged_dir(adapter_run, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- sftune chat
 
 
-@pytest.mark.parametrize("which", ["full", "adapter", "merged"])
-def test_chat_answers_one_prompt(which, request, capsys):
+def bare_adapter(adapter_run, tmp_path) -> Path:
+    """The adapter folder as peft alone would leave it: the base model comes from adapter_config.json."""
+    import shutil
+
+    folder = tmp_path / "bare-adapter"
+    shutil.copytree(adapter_run.output_dir, folder, ignore=shutil.ignore_patterns(CONFIG_FILENAME, "README.md"))
+    return folder
+
+
+@pytest.mark.parametrize("which", ["full", "adapter", "bare adapter", "merged"])
+def test_chat_answers_one_prompt(which, request, tmp_path, capsys):
     folder = {"full": lambda: request.getfixturevalue("full_run").output_dir,
               "adapter": lambda: request.getfixturevalue("adapter_run").output_dir,
+              "bare adapter": lambda: bare_adapter(request.getfixturevalue("adapter_run"), tmp_path),
               "merged": lambda: request.getfixturevalue("merged_dir")}[which]()
     capsys.readouterr()
     assert main(["chat", str(folder), "--prompt", "hello how are you", "--temperature", "0",
