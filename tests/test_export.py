@@ -447,14 +447,24 @@ def test_a_failed_push_keeps_the_run_and_says_how_to_retry(full_run, fake_hub, h
     assert folder_digest(out) == before
 
 
-def test_no_hub_stops_a_push_run_before_training(base_dir, answer_data, hub_here, tmp_path, capsys):
+def test_no_hub_or_no_token_stops_a_push_run_before_training(base_dir, answer_data, hub_here, tmp_path, capsys,
+                                                             monkeypatch):
+    from huggingface_hub import constants
+
     hub_here("http://127.0.0.1:9")  # nothing listens on port 9
     out = tmp_path / "run"
-    assert main(["train", "--model_name_or_path", str(base_dir), "--dataset_name", str(answer_data),
-                 "--output_dir", str(out), "--max_steps", "2", "--push_to_hub", "true"]) == 2
+    command = ["train", "--model_name_or_path", str(base_dir), "--dataset_name", str(answer_data),
+               "--output_dir", str(out), "--max_steps", "2", "--push_to_hub", "true"]
+    assert main(command) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "push_to_hub" in error and "HF_TOKEN" in error and HF_SECRET not in error
+    assert "could not check the Hugging Face token with the Hub at http://127.0.0.1:9" in error
+    assert "HF_TOKEN" in error and HF_SECRET not in error
     assert not out.exists()  # stopped before anything was loaded or written
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # nor a `hf auth login` file
+    assert main(command) == 2
+    assert "needs a Hugging Face token" in capsys.readouterr().err and not out.exists()
 
 
 def test_hub_settings_are_checked_and_tokens_are_refused_in_the_config():

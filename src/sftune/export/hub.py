@@ -23,30 +23,29 @@ class HubPushError(UserError):
     """The run is saved locally, but the upload to the Hub failed."""
 
 
-def check_push_settings(config: SFTConfig) -> str:
-    """Before training starts: the Hub is reachable with a token that works. Returns the repository id
-    ('owner/name'): hub_model_id, or the output_dir's folder name under the token's account.
+def check_push_settings(config: SFTConfig, before_training: bool = True) -> str:
+    """The Hub is reachable with a token that works. Returns the repository id ('owner/name'): hub_model_id, or
+    the output_dir's folder name under the token's account.
 
-    Every process may call this (no files are written): a missing token stops all of them alike, before any
-    model is loaded, instead of after hours of training.
+    Called before training starts by every process (no files are written): a missing token stops all of them
+    alike, before any model is loaded, instead of after hours of training.
     """
     from huggingface_hub import constants, get_token
 
+    way_out = " (or set push_to_hub: false)" if before_training else ""
     if constants.is_offline_mode():
-        raise UserError("push_to_hub is set, but HF_HUB_OFFLINE is set too: unset HF_HUB_OFFLINE to push, "
-                        "or set push_to_hub: false")
+        raise UserError(f"pushing to the Hub, but HF_HUB_OFFLINE is set: unset it to push{way_out}")
     if get_token() is None:
         raise UserError("push_to_hub needs a Hugging Face token with write access: set HF_TOKEN or run "
-                        "`hf auth login` (or set push_to_hub: false)")
+                        f"`hf auth login`{way_out}")
     name = config.hub_model_id or Path(config.output_dir).expanduser().resolve().name
     if not HUB_MODEL_ID.match(name):
-        raise UserError(f"push_to_hub: the output_dir's name {name!r} is not a valid Hub repository name: "
-                        "set hub_model_id")
+        raise UserError(f"the output_dir's name {name!r} is not a valid Hub repository name: set hub_model_id")
     try:
         account = _api().whoami()["name"]
     except Exception as err:  # an invalid token, no network, a Hub error: all stop the run here, before training
-        raise UserError(f"push_to_hub: the Hub did not accept the token ({_reason(err)}): check HF_TOKEN or "
-                        "`hf auth login`, or set push_to_hub: false") from None
+        raise UserError(f"push_to_hub: could not check the Hugging Face token with the Hub at {constants.ENDPOINT} "
+                        f"({_reason(err)}): check the network, HF_TOKEN or `hf auth login`{way_out}") from None
     return name if "/" in name else f"{account}/{name}"
 
 
@@ -86,7 +85,8 @@ def push_saved_run(run_dir: str | Path, hub_model_id: str | None = None, private
     if private is not None:
         overrides["hub_private_repo"] = private
     config = load_config(folder / CONFIG_FILENAME, overrides)
-    return push_run(folder, check_push_settings(config), config.hub_private_repo)
+    repo_id = check_push_settings(config, before_training=False)
+    return push_run(folder, repo_id, config.hub_private_repo)
 
 
 def _api() -> Any:
