@@ -445,6 +445,9 @@ def test_a_failed_push_keeps_the_run_and_says_how_to_retry(full_run, fake_hub, h
     assert main(["push", str(out), "--hub_model_id", "someone/tiny"]) == 0
     assert {"model.safetensors", "README.md", "loss_curve.png", "generation_config.json"} <= set(fake_hub.files)
     assert folder_digest(out) == before
+    # the pushed card loads from the Hub; the local one still loads the local folder
+    assert f"model_id = 'someone/tiny'  # or the local folder '{out}'\n" in fake_hub.files["README.md"].decode()
+    assert f"model_id = '{out}'\n" in (out / "README.md").read_text()
 
 
 def test_no_hub_or_no_token_stops_a_push_run_before_training(base_dir, answer_data, hub_here, tmp_path, capsys,

@@ -110,7 +110,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("run_dir", metavar="RUN_DIR", help="A run's output_dir.")
     push.add_argument("--hub_model_id", "--hub-model-id", metavar="ID",
-                      help="Repository 'name' or 'owner/name' (default: the run's hub_model_id, else the folder's name).")
+                      help="Repository 'name' or 'owner/name' (default: the run's hub_model_id, else the "
+                      "folder's name).")
     push.add_argument("--hub_private_repo", "--hub-private-repo", choices=["true", "false"],
                       help="Create the repository as private or public (default: the run's setting).")
     push.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")

@@ -223,7 +223,8 @@ def _model_label(config: SFTConfig, base: str | None) -> str:
 def _introduction(config: SFTConfig, base: str | None, adapter: dict[str, Any] | None, stats: dict) -> str:
     if adapter is not None:
         kind = "DoRA" if adapter.get("use_dora") else "rsLoRA" if adapter.get("use_rslora") else "LoRA"
-        quantized = " on a 4-bit base (QLoRA)" if config.load_in_4bit else " on an 8-bit base" if config.load_in_8bit else ""
+        quantized = (" on a 4-bit base (QLoRA)" if config.load_in_4bit
+                     else " on an 8-bit base" if config.load_in_8bit else "")
         how = (f"a {kind} adapter (rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, on "
                f"{_targets(adapter.get('target_modules'))}){quantized} for {_model_label(config, base)}")
     else:
@@ -242,6 +243,16 @@ def _targets(targets: Any) -> str:
     return ", ".join(f"`{n}`" for n in names) if len(names) <= 8 else f"{len(names)} modules"
 
 
+# The quick start's first line for a run not pushed when it was trained: model_id = '<output_dir>'
+LOCAL_MODEL_ID = re.compile(r"^model_id = ('[^'\n]*')$", re.M)
+
+
+def card_for_repo(card: str, repo_id: str) -> str:
+    """The card as pushed to `repo_id` by `sftune push`: its quick start loads the model from the Hub."""
+    return LOCAL_MODEL_ID.sub(lambda match: f"model_id = {repo_id!r}  # or the local folder {match.group(1)}",
+                              card, count=1)
+
+
 def _quick_start(summary: RunSummary, is_adapter: bool, base: str | None) -> str:
     where = summary.repo_id or str(summary.output_dir)
     note = f"  # or the local folder {str(summary.output_dir)!r}" if summary.repo_id else ""
@@ -254,7 +265,7 @@ def _quick_start(summary: RunSummary, is_adapter: bool, base: str | None) -> str
                   f"from transformers import {load_tokenizer}, GenerationConfig\n"
         load = (f"model = AutoPeftModelFor{'CausalLM' if not summary.vision else 'ImageTextToText'}"
                 ".from_pretrained(model_id)  # the base model named in adapter_config.json, with the adapter\n"
-                "model.generation_config = GenerationConfig.from_pretrained(model_id)  # stop at the end-of-turn token\n")
+                "model.generation_config = GenerationConfig.from_pretrained(model_id)  # stop at the end of turn\n")
         if base is None:
             load = ("# The base model was a local folder: adapter_config.json names it by its local path.\n" + load)
     else:
@@ -303,7 +314,8 @@ def _data_section(config: SFTConfig, stats: dict[str, Any]) -> str:
                  f"{stats.get('rows_truncated', 0):,} rows truncated ({config.truncation_mode})")
     dropped = stats.get("rows_dropped") or {}
     if dropped:
-        facts.append("- Rows dropped: " + ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in dropped.items()))
+        facts.append("- Rows dropped: " + ", ".join(f"{n:,} {reason.replace('_', ' ')}"
+                                                    for reason, n in dropped.items()))
     packing = stats.get("packing")
     if packing:
         facts.append(f"- Packed ({packing.get('strategy')}) into rows of {packing.get('length')} tokens, "
@@ -365,7 +377,8 @@ def _settings_section(config: SFTConfig, num_processes: int, adapter: dict[str, 
         lines += [f"| `{name}` | `{_value_text(value)}` |" for name, value in changed]
     else:
         lines.append("None: every setting is sftune's default.")
-    lines.append("\nThe complete settings are in `sftune_config.yaml`; `sftune train sftune_config.yaml` repeats the run.")
+    lines.append("\nThe complete settings are in `sftune_config.yaml`; `sftune train sftune_config.yaml` repeats "
+                 "the run.")
     return "\n".join(lines) + "\n"
 
 
@@ -395,7 +408,8 @@ def _results_section(metrics: list[dict[str, Any]]) -> str:
     if train:
         last = train[-1]
         extra = [f"{last['num_tokens']:,} tokens trained" if "num_tokens" in last else None,
-                 f"{last['tokens_per_second']:,.0f} tokens per second at the end" if "tokens_per_second" in last else None,
+                 f"{last['tokens_per_second']:,.0f} tokens per second at the end"
+                 if "tokens_per_second" in last else None,
                  f"peak memory {last['peak_memory_mb']:,.0f} MB" if "peak_memory_mb" in last else None]
         lines.append("\n" + "; ".join(e for e in extra if e) + ". Every logged value is in `metrics.jsonl`.")
     return "\n".join(lines) + "\n"
@@ -404,7 +418,8 @@ def _results_section(metrics: list[dict[str, Any]]) -> str:
 def _number(value: Any) -> str:
     if not isinstance(value, (int, float)):
         return "-"
-    if isinstance(value, float) and (not math.isfinite(value) or (value != 0 and abs(value) < 1e-3) or abs(value) >= 1e6):
+    tiny_or_huge = value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6)
+    if isinstance(value, float) and (not math.isfinite(value) or tiny_or_huge):
         return f"{value:.3e}"
     return f"{value:.4f}" if isinstance(value, float) else f"{value:,}"
 

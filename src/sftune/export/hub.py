@@ -55,13 +55,28 @@ NOT_PUSHED = ["checkpoint-*", ".*", "*.tmp"]
 
 
 def push_run(output_dir: Path, repo_id: str, private: bool | None) -> str:
-    """Create the repository if needed and upload the run folder in one commit. Returns the commit's URL."""
+    """Create the repository if needed and upload the run folder in one commit. Returns the commit's URL.
+
+    The model card goes up as `card_for_repo` makes it (its quick start loading from `repo_id`); nothing in
+    output_dir changes."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.utils import filter_repo_objects
+
+    from sftune.export.card import CARD_FILENAME, card_for_repo
+
+    files = {path.relative_to(output_dir).as_posix(): path for path in sorted(output_dir.rglob("*")) if path.is_file()}
+    names = list(filter_repo_objects(list(files), ignore_patterns=NOT_PUSHED))
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(files[name]) if name != CARD_FILENAME else
+                           card_for_repo(files[name].read_text(encoding="utf-8"), repo_id).encode("utf-8"))
+        for name in names
+    ]
+    log.info("pushing %d files (%.1f MB) from %s to the Hub repository %s", len(names),
+             sum(files[name].stat().st_size for name in names) / 2**20, output_dir, repo_id)
     api = _api()
-    log.info("pushing %s to the Hub repository %s", output_dir, repo_id)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=output_dir, ignore_patterns=NOT_PUSHED,
-                                   commit_message=COMMIT_MESSAGE)
+        commit = api.create_commit(repo_id, operations, commit_message=COMMIT_MESSAGE)
     except Exception as err:  # HTTP errors, no network, a refused token: the local run is untouched either way
         raise HubPushError(
             f"the push to the Hub repository {repo_id} failed ({_reason(err)}); the run is saved in {output_dir}: "
