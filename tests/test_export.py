@@ -450,6 +450,24 @@ def test_a_failed_push_keeps_the_run_and_says_how_to_retry(full_run, fake_hub, h
     assert f"model_id = '{out}'\n" in (out / "README.md").read_text()
 
 
+def test_a_push_that_fails_after_training_keeps_the_trained_run(base_dir, answer_data, fake_hub, hub_here, tmp_path,
+                                                                capsys, monkeypatch):
+    import huggingface_hub.utils._http as hub_http
+
+    monkeypatch.setattr(hub_http.time, "sleep", lambda seconds: None)
+    hub_here(fake_hub.endpoint)
+    fake_hub.fail = True
+    out = tmp_path / "run"
+    assert main(["train", "--model_name_or_path", str(base_dir), "--dataset_name", str(answer_data),
+                 "--output_dir", str(out), "--max_steps", "2", "--max_length", "64", "--push_to_hub", "true"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("sftune: error: the push to the Hub repository tester/run failed") and "500" in error
+    assert f"sftune push {out}" in error
+    assert {"model.safetensors", "generation_config.json", "README.md", "loss_curve.png", CONFIG_FILENAME} <= {
+        p.name for p in out.iterdir()}
+    assert not fake_hub.files and not list(out.glob(".staging-*"))
+
+
 def test_no_hub_or_no_token_stops_a_push_run_before_training(base_dir, answer_data, hub_here, tmp_path, capsys,
                                                              monkeypatch):
     from huggingface_hub import constants
