@@ -77,12 +77,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser(
         "merge", help="Fold a trained LoRA adapter into its base model.", allow_abbrev=False,
-        usage="sftune merge RUN_DIR --output DIR",
+        usage="sftune merge RUN_DIR --output DIR [--overwrite]",
         description="Load the base model of the adapter in RUN_DIR (unquantized, in the run's dtype), merge the "
         "adapter into its weights and write a standalone model with the tokenizer to DIR, a new folder.",
     )
     merge.add_argument("run_dir", metavar="RUN_DIR", help="A run folder holding adapter_config.json.")
     merge.add_argument("--output", required=True, metavar="DIR", help="New folder for the merged model.")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="Replace DIR if it holds files (the old content is removed once the new model is in place).")
     merge.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
 
     chat = commands.add_parser(
@@ -130,7 +132,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
         parser.print_help()
         raise SystemExit(EXIT_USER_ERROR)
     reserved = {"command", "config", "debug", "num_processes", "run_dir", "output", "jsonl", "num_examples",
-                "prompt", "system", "max_new_tokens", "temperature"}
+                "overwrite", "prompt", "system", "max_new_tokens", "temperature"}
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     return args, overrides
 
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             from sftune.run import setup_logging
 
             setup_logging()
-            merge_adapter(args.run_dir, args.output)
+            merge_adapter(args.run_dir, args.output, overwrite=args.overwrite)
         elif args.command == "chat":
             from sftune.chat import run_chat
             from sftune.run import setup_logging

@@ -46,8 +46,6 @@ NOT_SUPPORTED = {
     "hub_revision": "sftune pushes to the repository's main branch; remove it",
 }
 
-# Keys of model_init_kwargs that would put a secret into the saved config (and so into a pushed repository).
-SECRET_KEYS = ("token", "use_auth_token", "hub_token")
 _HUB_NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
 HUB_MODEL_ID = re.compile(rf"^(?:{_HUB_NAME}/)?{_HUB_NAME}$")
 
@@ -78,6 +76,12 @@ class SFTConfig:
     )
     trust_remote_code: bool = _opt(
         False, "Allow running Python code shipped inside the model repository. Only for models you trust.", "model"
+    )
+    allow_pickled_weights: bool = _opt(
+        False,
+        "Allow loading model or adapter weights stored with pickle (pytorch_model.bin, adapter_model.bin), which "
+        "can run code when loaded. Off: safetensors only. Only for files you trust.",
+        "model",
     )
     model_class: Literal["auto", "causal_lm", "image_text_to_text"] = _opt(
         "auto",
@@ -381,12 +385,6 @@ class SFTConfig:
             check_dataset_entries(self.datasets)
 
     def _check_hub_settings(self) -> None:
-        for key in SECRET_KEYS:
-            if key in (self.model_init_kwargs or {}):
-                raise ConfigError(
-                    f"config key 'model_init_kwargs' sets '{key}': a token in the config would be saved with the run "
-                    "(and pushed with it); set HF_TOKEN or run `hf auth login` instead"
-                )
         name = self.hub_model_id
         if name is not None and (not HUB_MODEL_ID.match(name) or len(name.split("/")[-1]) > 96
                                  or ".." in name or "--" in name or name.endswith(".git")):
@@ -427,10 +425,25 @@ class SFTConfig:
         """Write the resolved config as YAML that `sftune train <path>` runs again, atomically."""
         path = Path(path)
         text = "# sftune resolved config: `sftune train " + path.name + "` repeats this run\n"
-        text += yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        text += yaml.safe_dump(without_secrets(self.to_dict()), sort_keys=False, allow_unicode=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
+
+
+# Keys that hold credentials (a Hub token, a tracker key), at any depth (model_init_kwargs: {token: ...}):
+# never written to a saved config. Tokenizer keys such as eos_token are settings, not secrets.
+_SECRET_KEY = re.compile(r"^(token|use_auth_token|hub_token|.*api_key|.*secret.*|.*password.*|.*access_token)$",
+                         re.IGNORECASE)
+
+
+def without_secrets(values: Any) -> Any:
+    """`values` with every credential key removed, for writing to disk."""
+    if isinstance(values, dict):
+        return {k: without_secrets(v) for k, v in values.items() if not _SECRET_KEY.match(str(k))}
+    if isinstance(values, list):
+        return [without_secrets(v) for v in values]
+    return values
 
 
 DATASET_ENTRY_KEYS = ("path", "name", "split", "test_split", "weight", "columns", "format")

@@ -20,18 +20,20 @@ TRAINED_ON, TRAINED_OFF = "\033[1;32m", "\033[0m"
 
 def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int = 3, out: TextIO = sys.stdout) -> None:
     from sftune.data.prepare import prepare_documents, prepare_train_data
-    from sftune.model.load import load_tokenizer
+    from sftune.model.load import load_processor, load_tokenizer
     from sftune.run import setup_logging
 
     config.check_ready_to_train()
     setup_logging()
-    tokenizer = load_tokenizer(config)
-    data = prepare_train_data(config, tokenizer)
+    processor = load_processor(config)  # None for text-only models
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
+    data = prepare_train_data(config, tokenizer, processor=processor)
     for line in describe(data.stats, data.train_rows, config):
         print(line, file=out)
     if num_examples <= 0 and not jsonl:
         return
-    documents, sources = prepare_documents(config, tokenizer, limit=None if jsonl else num_examples)
+    documents, sources = prepare_documents(config, tokenizer, limit=None if jsonl else num_examples,
+                                           processor=processor)
     colour = out.isatty()
     shown = 0
     for docs, source in zip(documents, sources):

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,11 @@ def setup_logging() -> None:
         log.propagate = False
 
 
-def claim_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
-    """Make sure this run may write into output_dir: never silently over another run's files."""
-    from sftune.training.report import trim_metrics_after
+def check_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
+    """Refuse an output_dir this run may not write into, before any work is done: never over another run's files.
 
+    The folder is created (empty) to prove it can be written; an empty folder does not stop a later run.
+    """
     out = Path(config.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file, not a folder: choose another output_dir")
@@ -69,14 +71,29 @@ def claim_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to output_dir '{out}' ({err.strerror or err}): choose another output_dir") from None
+    return out
+
+
+def claim_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
+    """Take output_dir for this run once its model and data are ready: a failed start leaves nothing behind."""
+    from sftune.training.report import trim_metrics_after
+
+    out = check_output_dir(config, resume_from)
+    continuing = resume_from is not None and resume_from.resolve().parent == out.resolve()
+    try:
         if continuing:
             trim_metrics_after(out, _checkpoint_step(resume_from))
         else:
             for name in ("metrics.jsonl", "samples.jsonl"):  # a previous run's lines would mix with ours
                 (out / name).unlink(missing_ok=True)
+        config.save(out / CONFIG_FILENAME)
     except OSError as err:
-        raise UserError(f"cannot write to output_dir '{out}': {err.strerror}") from None
-    config.save(out / CONFIG_FILENAME)
+        raise UserError(f"cannot write to output_dir '{out}' ({err.strerror or err}): choose another output_dir") from None
     return out
 
 
@@ -103,7 +120,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     from sftune.data.template import fit_model_to_tokenizer
     from sftune.export.hub import check_push_settings
     from sftune.model.adapters import prepare_for_training
-    from sftune.model.load import load_model, load_processor, load_tokenizer
+    from sftune.model.load import check_model_files, load_model, load_processor, load_tokenizer
     from sftune.training.checkpoint import list_checkpoints, resolve_resume_path
     from sftune.training.loop import Trainer
     from sftune.training.report import requested_trackers
@@ -121,22 +138,29 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
             raise UserError(f"resume_from_checkpoint: true, but output_dir '{output_dir}' holds no checkpoint")
         log.info("no checkpoint in %s yet: starting from the beginning", output_dir)
     if accelerator.is_main_process:
-        output_dir = claim_output_dir(config, resume_from)
+        check_output_dir(config, resume_from)
     accelerator.wait_for_everyone()
     set_seed(config.seed, deterministic=config.full_determinism)
     if config.use_peft and config.learning_rate_is_default:
         log.info("learning_rate: %g, the default with use_peft (set learning_rate to change it)", config.learning_rate)
 
+    check_model_files(config)  # a missing or pickled checkpoint fails before the data is prepared
     processor = load_processor(config)  # None for text-only models
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
     with accelerator.main_process_first():  # the main process prepares and caches; the others read the cache
-        data = prepare_train_data(config, tokenizer, train_dataset, eval_dataset, formatting_func)
+        data = prepare_train_data(config, tokenizer, train_dataset, eval_dataset, formatting_func, processor)
+    if config.eval_strategy != "no" and not data.eval_rows:
+        raise UserError(f"eval_strategy: {config.eval_strategy}, but there is no eval data: set dataset_test_split "
+                        "or eval_ratio (or pass eval_dataset), or set eval_strategy: no")
     model = load_model(config, device=accelerator.device)
     fit_model_to_tokenizer(model, tokenizer)  # embeddings for tokens the template added; the EOS stops generation
     model = prepare_for_training(model, config)
 
     trainer = Trainer(model, tokenizer, data.train_rows, data.eval_rows, data.source_names, config, accelerator,
-                      output_dir, make_collator(config, tokenizer), processor=processor)
+                      output_dir, make_collator(config, tokenizer, processor), processor=processor)
+    if accelerator.is_main_process:  # only now, so that a run that failed to start leaves output_dir as it was
+        claim_output_dir(config, resume_from)
+    accelerator.wait_for_everyone()
     if resume_from is not None:
         trainer.resume(resume_from)
     log.info(

@@ -11,6 +11,10 @@ Two layouts:
 
 Every batch also carries `source_ids`, aligned with `targets`: the source dataset of the document each target
 belongs to, -1 where there is no target. It is for per-source loss reports.
+
+Rows with images (vision-language models) are padded batches plus what the processor's image processor makes of
+the batch's images, in the order of their tokens: `pixel_values` and whatever else it returns (image sizes,
+pixel masks). Pixels are made here, per batch, so the prepared data holds only references to the images.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 
 from sftune.config import SFTConfig
+from sftune.data.images import load_image
 from sftune.data.render import IGNORE_INDEX
 
 
@@ -102,11 +107,24 @@ def _positions(lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(np.sum(lengths)), dtype=np.int64) - starts
 
 
-def make_collator(config: SFTConfig, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-    """The batch builder the loop uses for this run's rows."""
+def image_batch(rows: list[dict[str, Any]], pad_token_id: int, image_processor: Any) -> dict[str, torch.Tensor]:
+    """A padded batch, with the image processor's tensors for the rows' images (one list per row that has any)."""
+    batch = pad_batch(rows, pad_token_id)
+    images = [[load_image(ref) for ref in row["images"]] for row in rows if row.get("images")]
+    if images:
+        pixels = image_processor(images, return_tensors="pt")
+        batch.update({name: value for name, value in pixels.items() if isinstance(value, torch.Tensor)})
+    return batch
+
+
+def make_collator(config: SFTConfig, tokenizer: Any,
+                  processor: Any = None) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """The batch builder the loop uses for this run's rows (`processor`: a vision-language model's)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = pad if pad is not None else 0
     if config.packing or config.padding_free:
         flash = "flash" in (config.attn_implementation or "")  # flash_attention_2/3, hub flash kernels
         return partial(position_batch, pad_token_id=pad, join=config.padding_free or flash)
+    if processor is not None:
+        return partial(image_batch, pad_token_id=pad, image_processor=processor.image_processor)
     return partial(pad_batch, pad_token_id=pad)

@@ -4,7 +4,10 @@
 - prompt/completion:  {"prompt": str, "completion": str}
 - conversation:       {"messages": [...], "completion_start": int | None, "tools": ..., "chat_template_kwargs": ...}
                       (conversational prompt/completion, ShareGPT and Alpaca rows all become conversations;
-                      completion_start is the index of the first completion message, None for plain messages)
+                      completion_start is the index of the first completion message, None for plain messages);
+                      a conversation with images also has "images": [reference, ...] (see images.py), and every
+                      message's content is then a list of parts, {"type": "text", "text": ...} or
+                      {"type": "image"}, the i-th image part standing for the i-th image
 - tokenized:          {"input_ids": [...], "labels": [...] | None}
 """
 
@@ -15,6 +18,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from sftune.data.images import check_image, row_images
 from sftune.data.sources import SourceRows
 from sftune.errors import DataError
 
@@ -102,7 +106,14 @@ def normalise(source: SourceRows, fmt: str, text_field: str) -> list[dict[str, A
         "alpaca": lambda row, i: _alpaca(row, source, i),
         "tokenized": lambda row, i: _tokenized(row, source, i),
     }[fmt]
-    return [convert(row, i) for i, row in enumerate(source.rows)]
+    examples = [convert(row, i) for i, row in enumerate(source.rows)]
+    if fmt == "text" or fmt == "tokenized" or (fmt == "prompt_completion" and not is_conversation(examples[0])):
+        for i, row in enumerate(source.rows):
+            if row.get("images") or row.get("image"):
+                field = "images" if row.get("images") else "image"
+                raise DataError(f"{source.where(i)}: field '{field}': images need conversation rows ('messages', or "
+                                f"'prompt' and 'completion' as lists of messages); this dataset has {fmt} rows")
+    return examples
 
 
 def is_conversation(example: dict[str, Any]) -> bool:
@@ -191,9 +202,12 @@ def _messages(messages: Any, field: str, source: SourceRows, index: int, first_n
                 f"{where}: message {number} has role {role!r} (expected one of: {', '.join(ROLES)}){hint}"
             )
         content = message.get("content", "")
-        if not isinstance(content, str):
+        if isinstance(content, list):
+            message["content"] = _parts(content, f"{where}: message {number} ({role})")
+        elif not isinstance(content, str):
             raise DataError(
-                f"{where}: message {number} ({role}) has content of type {type(content).__name__}; expected text"
+                f"{where}: message {number} ({role}) has content of type {type(content).__name__}; "
+                "expected text or a list of parts"
             )
         if "content" not in message:
             if not message.get("tool_calls"):
@@ -203,14 +217,73 @@ def _messages(messages: Any, field: str, source: SourceRows, index: int, first_n
     return clean
 
 
+def _parts(content: list, where: str) -> list[dict[str, Any]]:
+    """A message's content given as parts: {"type": "text", "text": ...} and {"type": "image"} (which may carry its
+    own image under "image" or "path")."""
+    parts = []
+    for number, part in enumerate(content, start=1):
+        part = {k: v for k, v in part.items() if v is not None} if isinstance(part, dict) else part
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image":
+            if "url" in part:
+                raise DataError(f"{where}, part {number}: image URLs are not fetched; save the image and give its "
+                                "file path (in the row's 'images', or as the part's 'path')")
+            parts.append(part)
+        else:
+            raise DataError(f"{where}, part {number}: expected {{\"type\": \"text\", \"text\": ...}} or "
+                            f"{{\"type\": \"image\"}}, got {str(part)[:80]}")
+    return parts
+
+
 def _conversation(messages: list[dict], completion_start: int | None, row: dict, source: SourceRows,
                   index: int) -> dict[str, Any]:
-    return {
+    example = {
         "messages": messages,
         "completion_start": completion_start,
         "tools": _json_field(row, "tools", list, source, index),
         "chat_template_kwargs": _json_field(row, "chat_template_kwargs", dict, source, index),
     }
+    images = row_images(row, source.origins[index][0], source.where(index))
+    if images or any(p["type"] == "image" for m in messages if isinstance(m["content"], list) for p in m["content"]):
+        example["messages"], example["images"] = _with_image_parts(messages, images or [], source, index)
+    else:  # parts without images: plain text, which every chat template renders
+        example["messages"] = [{**m, "content": "".join(p["text"] for p in m["content"])}
+                               if isinstance(m["content"], list) else m for m in messages]
+    return example
+
+
+def _with_image_parts(messages: list[dict], column: list, source: SourceRows, index: int) -> tuple[list[dict], list]:
+    """Every content as a list of parts, and the row's images in the order of their image parts.
+
+    Image parts take the row's `images` in order, or carry their own. Messages with text contents only get the
+    images in front of the first user message's text (as TRL does)."""
+    where, origin = source.where(index), source.origins[index][0]
+    messages = [{**m, "content": m["content"] if isinstance(m["content"], list)
+                 else [{"type": "text", "text": m["content"]}]} for m in messages]
+    image_parts = [p for m in messages for p in m["content"] if p["type"] == "image"]
+    if column and not image_parts:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise DataError(f"{where}: the row has images but no user message to show them in")
+        first_user["content"] = [{"type": "image"} for _ in column] + first_user["content"]
+        image_parts = first_user["content"][:len(column)]
+    placeholders = sum(1 for p in image_parts if "image" not in p and "path" not in p)
+    if placeholders != len(column):
+        raise DataError(f"{where}: field 'images' has {len(column)} image(s), but the messages have {placeholders} "
+                        "image part(s) ({\"type\": \"image\"}) without an image of their own: give one image per "
+                        "image part")
+    images, pending = [], iter(column)
+    for number, message in enumerate(messages, start=1):
+        for k, part in enumerate(message["content"]):
+            if part["type"] != "image":
+                continue
+            own = part.get("image", part.get("path"))
+            images.append(next(pending) if own is None else
+                          check_image(own, origin, f"{where}: message {number} part {k + 1}"))
+            message["content"][k] = {"type": "image"}
+    return messages, images
 
 
 def _json_field(row: dict, name: str, kind: type, source: SourceRows, index: int) -> Any:

@@ -6,7 +6,9 @@ with nothing to train; mix the sources by weight; pack (pack.py). Everything aft
 
 The result is cached under $SFTUNE_CACHE/data/<fingerprint> (or $SFTUNE_DATA_CACHE/<fingerprint>); the
 fingerprint covers the data files' bytes (or a Hub dataset's fingerprint), the tokenizer with its template and
-special tokens, and every setting that changes the rows. A second run with the same inputs loads the rows.
+special tokens, a vision-language processor's settings, and every setting that changes the rows. A second run
+with the same inputs loads the rows. Rows with images keep references to them, never pixels; image files must be
+unchanged (size and time) for cached rows to be used, and images that are not files are stored in the entry.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 from sftune import __version__
 from sftune.config import SFTConfig
 from sftune.data.formats import apply_formatting_func, detect_format, is_conversation, normalise, rename_columns
+from sftune.data.images import check_processor_inputs, processor_fingerprint
 from sftune.data.pack import plan_packing
 from sftune.data.render import CHECKS, IGNORE_INDEX, ExampleTokenizer, Tokenized
 from sftune.data.rows import Documents, RowStore
@@ -36,7 +39,7 @@ from sftune.data.sources import (
     source_names,
 )
 from sftune.data.template import configure_tokenizer, stop_token_ids, use_default_template
-from sftune.errors import DataError
+from sftune.errors import ConfigError, DataError
 
 log = logging.getLogger("sftune")
 
@@ -74,22 +77,27 @@ def data_cache_dir() -> Path:
 
 
 def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = None, eval_dataset: Any = None,
-                       formatting_func: Callable[[dict], Any] | None = None) -> PreparedData:
+                       formatting_func: Callable[[dict], Any] | None = None, processor: Any = None) -> PreparedData:
     """Prepared train and eval rows for `config`, from the cache when the same inputs were prepared before.
 
     `tokenizer` is changed in place where the settings say so (chat_template_path, eos_token, the ChatML default
-    for a tokenizer without a template): it is the tokenizer saved with the model.
+    for a tokenizer without a template): it is the tokenizer saved with the model. `processor`, a vision-language
+    model's, turns each image into its tokens (its chat template is the one used, and kept in step).
     """
     started = time.perf_counter()
-    inputs = _open_inputs(config, tokenizer, train_dataset, eval_dataset, formatting_func)
+    inputs = _open_inputs(config, tokenizer, train_dataset, eval_dataset, formatting_func, processor)
     folder = data_cache_dir() / inputs.fingerprint if inputs.fingerprint else None
     if folder is not None and (folder / "stats.json").is_file():
         data = _load(folder)
-        if data.stats.get("default_template"):
-            use_default_template(tokenizer, keep_eos=bool(config.eos_token))
-        log.info("data: using the prepared data cached in %s (%d train rows, %d eval rows)",
-                 folder, len(data.train_rows), len(data.eval_rows))
-        return data
+        if data is not None:
+            if data.stats.get("default_template"):
+                use_default_template(tokenizer, keep_eos=bool(config.eos_token))
+            _sync_processor_template(processor, tokenizer)
+            log.info("data: using the prepared data cached in %s (%d train rows, %d eval rows)",
+                     folder, len(data.train_rows), len(data.eval_rows))
+            return data
+        log.info("data: image files changed since the data was cached in %s: preparing it again", folder)
+        shutil.rmtree(folder, ignore_errors=True)
 
     sources = _read_sources(inputs, config)
     documents, stats = _tokenize_sources(sources, inputs, config, tokenizer)
@@ -97,18 +105,31 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
     stats["seconds"] = round(time.perf_counter() - started, 3)
     names = source_names(inputs.specs) + (["eval_dataset"] if inputs.eval_dataset is not None else [])
     data = PreparedData(train.rows(), evaluation.rows(), stats, names)
+    _sync_processor_template(processor, tokenizer)
     _log_stats(stats)
     if folder is not None:
-        _save(folder, train, evaluation, data)
-        log.info("data: prepared in %.1f s; cached in %s", stats["seconds"], folder)
+        try:
+            _save(folder, train, evaluation, data)
+            log.info("data: prepared in %.1f s; cached in %s", stats["seconds"], folder)
+        except OSError as err:  # the cache only saves time: a full or read-only disk must not stop the run
+            log.warning("data: prepared in %.1f s; not cached (%s: %s)", stats["seconds"], folder,
+                        err.strerror or err)
+        else:
+            if train.images is not None or evaluation.images is not None:
+                # rows as a cache hit gives them: images that were bytes or PIL images are now files in the entry,
+                # so the rows do not hold every image in memory
+                saved = _load(folder)
+                if saved is not None:
+                    data.train_rows, data.eval_rows = saved.train_rows, saved.eval_rows
     return data
 
 
 def prepare_documents(config: SFTConfig, tokenizer: Any, limit: int | None = None, train_dataset: Any = None,
-                      formatting_func: Callable[[dict], Any] | None = None) -> tuple[list[Documents], list[SourceRows]]:
+                      formatting_func: Callable[[dict], Any] | None = None,
+                      processor: Any = None) -> tuple[list[Documents], list[SourceRows]]:
     """The training documents of each source in dataset order, before mixing and packing (for `sftune inspect`);
     with `limit`, only from the first `limit` rows of each source."""
-    inputs = _open_inputs(config, tokenizer, train_dataset, None, formatting_func)
+    inputs = _open_inputs(config, tokenizer, train_dataset, None, formatting_func, processor)
     sources = _read_sources(inputs, config)
     if limit is not None:
         for source in sources:
@@ -129,10 +150,15 @@ class _Inputs:
     formatting_func: Callable[[dict], Any] | None
     stop_ids: set[int]
     fingerprint: str | None  # None: not cacheable (a formatting_func that cannot be hashed)
+    processor: Any = None
 
 
 def _open_inputs(config: SFTConfig, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
-                 formatting_func: Callable | None) -> _Inputs:
+                 formatting_func: Callable | None, processor: Any = None) -> _Inputs:
+    if processor is not None:
+        refuse_packing(config)
+    if processor is not None and getattr(processor, "chat_template", None) and not config.chat_template_path:
+        tokenizer.chat_template = processor.chat_template  # the template that renders images
     changes = configure_tokenizer(tokenizer, config)
     specs = dataset_specs(config, train_dataset)
     for spec in specs:
@@ -149,13 +175,29 @@ def _open_inputs(config: SFTConfig, tokenizer: Any, train_dataset: Any, eval_dat
         "tokenizer": tokenizer_fingerprint(tokenizer), "stop_ids": sorted(stop_ids),
         "data": [s.fingerprint for s in train], "test": [s.fingerprint if s else None for s in test],
         "eval_dataset": evaluation.fingerprint if evaluation else None,
+        "processor": processor_fingerprint(processor) if processor is not None else None,
     }
     fingerprint: str | None = None
     function_hash = _function_fingerprint(formatting_func)
     if formatting_func is None or function_hash is not None:
         parts["formatting_func"] = function_hash
         fingerprint = hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
-    return _Inputs(specs, train, test, evaluation, formatting_func, stop_ids, fingerprint)
+    return _Inputs(specs, train, test, evaluation, formatting_func, stop_ids, fingerprint, processor)
+
+
+def refuse_packing(config: SFTConfig) -> None:
+    """Rows of a vision-language model are never joined: a packed row would have to carry each document's images
+    to the model in step with its image tokens, and the model would have to keep them apart; not done yet."""
+    for key in ("packing", "padding_free"):
+        if getattr(config, key):
+            raise ConfigError(f"config key '{key}' is true, but '{config.model_name_or_path}' is a vision-language "
+                              f"model, whose rows (and their images) sftune does not join yet: set {key}: false")
+
+
+def _sync_processor_template(processor: Any, tokenizer: Any) -> None:
+    """The processor saved with the model carries the template used in training (chat_template_path, ChatML)."""
+    if processor is not None and tokenizer.chat_template:
+        processor.chat_template = tokenizer.chat_template
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -223,6 +265,8 @@ def _read_sources(inputs: _Inputs, config: SFTConfig) -> list[_Source]:
         fmt, examples = _normalised(rows, spec, config, inputs.formatting_func)
         sources.append(_Source("eval_dataset", fmt, rows, [], np.zeros(0, dtype=np.int64), rows, examples,
                                np.arange(len(examples))))
+    if inputs.processor is not None and any("images" in e for s in sources for e in s.train + s.eval):
+        check_processor_inputs(inputs.processor)
     return sources
 
 
@@ -251,7 +295,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
             log.info("data: the tokenizer has no chat template, so sftune uses ChatML (<|im_start|>role ... "
                      "<|im_end|>) and <|im_end|> ends each turn%s", f"; added tokens {', '.join(added)}" if added else "")
             inputs.stop_ids = stop_token_ids(tokenizer, config.model_name_or_path)
-    worker = ExampleTokenizer(tokenizer, config, inputs.stop_ids)
+    worker = ExampleTokenizer(tokenizer, config, inputs.stop_ids, inputs.processor)
     jobs = [(s, split, i) for s, source in enumerate(sources) for split in ("train", "eval")
             for i in range(len(getattr(source, split)))]
     results = _run_tokenizer(worker, [getattr(sources[s], split)[i] for s, split, i in jobs],
@@ -260,12 +304,14 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
     checks = {name: {"rows": 0, "examples": []} for name in CHECKS}
     dropped: dict[str, int] = {}
     dropped_from_training: dict[str, int] = {}
-    counters = {"rows_checked": 0, "turns_checked": 0, "rows_truncated": 0}
+    counters = {"rows_checked": 0, "turns_checked": 0, "rows_truncated": 0, "images": 0}
     kept: dict[tuple[int, str], list[tuple[int, Tokenized]]] = {}
     for (s, split, i), result in zip(jobs, results):
         source = sources[s]
         index = int((source.train_index if split == "train" else source.eval_index)[i])
         origin = source.rows if split == "train" else source.eval_rows
+        if result.error:
+            raise DataError(f"{origin.where(index)}: {result.error}")
         if result.checked_turns:
             counters["rows_checked"] += 1
             counters["turns_checked"] += result.checked_turns
@@ -284,6 +330,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
             if split == "train":
                 dropped_from_training[reason] = dropped_from_training.get(reason, 0) + 1
             continue
+        counters["images"] += len(result.images or ())
         kept.setdefault((s, split), []).append((index, result))
 
     documents = []
@@ -294,6 +341,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
             per_split[split] = Documents(
                 [r.ids for _, r in items], [r.labels for _, r in items],
                 np.full(len(items), s, dtype=np.int32), np.array([i for i, _ in items], dtype=np.int64),
+                [r.images or [] for _, r in items] if any(r.images is not None for _, r in items) else None,
             )
         documents.append(per_split)
     stats.update(counters, rows_dropped=dropped, template_checks=checks)
@@ -303,7 +351,8 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
         for s, source in enumerate(sources)
     ]
     if require_rows and not any(len(d["train"]) for d in documents):
-        raise DataError(_nothing_left_message(config, dropped_from_training, sum(len(s.train) for s in sources)))
+        raise DataError(_nothing_left_message(config, dropped_from_training, sum(len(s.train) for s in sources),
+                                              [s.label for s in sources if s.train]))
     return documents, stats
 
 
@@ -351,16 +400,18 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _nothing_left_message(config: SFTConfig, dropped: dict[str, int], total: int) -> str:
+def _nothing_left_message(config: SFTConfig, dropped: dict[str, int], total: int, names: list[str]) -> str:
     why = {
-        "no_assistant_turn": "have no assistant turn to train",
+        "no_assistant_turn": "have no assistant turn to train (end each conversation with an assistant reply)",
         "unlocated_turn": "have an assistant turn the chat template renders beyond recognition",
         "truncated_to_nothing": f"keep no trained token after truncation to max_length={config.max_length} "
                                 f"(truncation_mode={config.truncation_mode}): raise max_length",
         "no_trained_tokens": "have no token to train",
+        "image_beyond_max_length": f"have images whose tokens do not fit in max_length={config.max_length} "
+                                   "(truncation never cuts an image): raise max_length",
     }
     parts = "; ".join(f"{count} {why[reason]}" for reason, count in dropped.items())
-    return f"no training row is left: of {total} rows, {parts}"
+    return f"no training row is left: of {total} rows, {parts} (dataset: {', '.join(names)})"
 
 
 # ---------------------------------------------------------------- stage 4: mix, pack
@@ -393,10 +444,14 @@ def _assemble(documents: list[dict[str, Documents]], weights: list[float | None]
 
 
 def _join(parts: list[Documents]) -> Documents:
+    images = None
+    if any(p.images is not None for p in parts):
+        images = [refs for p in parts for refs in (p.images if p.images is not None else [[]] * len(p))]
     return Documents(
         [x for p in parts for x in p.ids], [x for p in parts for x in p.labels],
         np.concatenate([p.source for p in parts]) if parts else np.zeros(0, dtype=np.int32),
         np.concatenate([p.index for p in parts]) if parts else np.zeros(0, dtype=np.int64),
+        images,
     )
 
 
@@ -433,6 +488,8 @@ def _log_stats(stats: dict[str, Any]) -> None:
     log.info("data: %d documents, %d tokens (%.1f%% trained); %d truncated to max_length; %d dropped%s",
              stats["documents"], stats["tokens"], 100 * stats["trained_fraction"], stats["rows_truncated"],
              sum(dropped.values()), f" ({dropped_text})" if dropped else "")
+    if stats.get("images"):
+        log.info("data: %d images in the kept rows", stats["images"])
     if stats["packing"]:
         log.info("data: packed into %d rows of %d tokens (%.1f%% full)", stats["rows"], stats["packing"]["length"],
                  100 * stats["packing"]["efficiency"])
@@ -458,8 +515,8 @@ def _save(folder: Path, train: RowStore, evaluation: RowStore, data: PreparedDat
     stage = folder.parent / f".staging-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
-        train.save(stage, "train")
-        evaluation.save(stage, "eval")
+        train.save(stage, "train", folder)
+        evaluation.save(stage, "eval", folder)
         (stage / "stats.json").write_text(json.dumps({"stats": data.stats, "source_names": data.source_names},
                                                      indent=1, default=str), encoding="utf-8")
         os.replace(stage, folder)
@@ -470,8 +527,11 @@ def _save(folder: Path, train: RowStore, evaluation: RowStore, data: PreparedDat
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _load(folder: Path) -> PreparedData:
+def _load(folder: Path) -> PreparedData | None:
+    """The cached data; None when image files it refers to changed since."""
     saved = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
     stats = {**saved["stats"], "cached": True}
-    return PreparedData(RowStore.load(folder, "train").rows(), RowStore.load(folder, "eval").rows(), stats,
-                        saved["source_names"])
+    train, evaluation = RowStore.load(folder, "train"), RowStore.load(folder, "eval")
+    if train is None or evaluation is None:
+        return None
+    return PreparedData(train.rows(), evaluation.rows(), stats, saved["source_names"])

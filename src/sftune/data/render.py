@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from sftune.config import SFTConfig
-from sftune.data.template import TemplateShape, analyse_template, render, special_prefix_ids
+from sftune.data.images import load_image
+from sftune.data.template import TemplateShape, analyse_template, content_text, render, special_prefix_ids
 from sftune.errors import UserError
 
 IGNORE_INDEX = -100
@@ -44,6 +45,8 @@ class Tokenized:
     truncated: bool = False
     checked_turns: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)  # (check name, what and where in the row)
+    images: list | None = None  # image references, in the order of their tokens (rows with images)
+    error: str | None = None  # a problem with the row that stops preparation (the caller adds where it is)
 
 
 @dataclass
@@ -55,11 +58,28 @@ class _Turn:
     stop_found: bool = True
 
 
+@dataclass
+class _Job:
+    """One conversation between rendering and tokenizing."""
+
+    result: Tokenized
+    text: str
+    turns: list[_Turn]
+    train_all: bool
+    prompt: str | None  # inference's prompt before the first checked turn
+    shape: TemplateShape
+    images: list | None = None
+    image_spans: list[tuple[int, int]] = field(default_factory=list)  # each image's tokens in `text`
+
+
 class ExampleTokenizer:
     """Turns canonical examples into ids and labels for one tokenizer and one set of loss settings."""
 
-    def __init__(self, tokenizer: Any, config: SFTConfig, stop_ids: set[int]):
+    def __init__(self, tokenizer: Any, config: SFTConfig, stop_ids: set[int], processor: Any = None):
         self.tokenizer = tokenizer
+        self.processor = processor  # a vision-language model's: expands each image into its tokens
+        self.image_token_ids = [i for i in getattr(processor, "image_token_ids", [None]) if i is not None] \
+            if processor is not None else []
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         if self.backend is not None:
             self.backend.no_truncation()  # transformers sets these per call; we call the backend directly
@@ -77,10 +97,10 @@ class ExampleTokenizer:
         self._shapes: dict[str, TemplateShape] = {}
         self.byte_lengths = byte_lengths(tokenizer)
 
-    def shape(self, kwargs: dict[str, Any] | None) -> TemplateShape:
-        key = json.dumps(kwargs, sort_keys=True, default=str) if kwargs else ""
+    def shape(self, kwargs: dict[str, Any] | None, parts: bool = False) -> TemplateShape:
+        key = (json.dumps(kwargs, sort_keys=True, default=str) if kwargs else "") + ("|parts" if parts else "")
         if key not in self._shapes:
-            self._shapes[key] = analyse_template(self.tokenizer, kwargs, self.stop_ids)
+            self._shapes[key] = analyse_template(self.tokenizer, kwargs, self.stop_ids, parts)
         return self._shapes[key]
 
     def __call__(self, examples: list[dict[str, Any]]) -> list[Tokenized]:
@@ -172,7 +192,7 @@ class ExampleTokenizer:
         if self.backend is None:
             raise UserError("conversations need a fast tokenizer (with character offsets); this one is a slow one")
         results = [Tokenized() for _ in examples]
-        jobs = []  # (result, text, turns to train and check, train every token?, first turn's inference prompt, kwargs)
+        jobs: list[_Job] = []
         for example, result in zip(examples, results):
             trained = self._trained_messages(example)
             messages = example["messages"]
@@ -181,7 +201,8 @@ class ExampleTokenizer:
                     result.drop = "no_assistant_turn"
                     continue
                 messages = messages[: trained[-1] + 1]  # later turns would cost compute and train nothing
-            shape = self.shape(example["chat_template_kwargs"])
+            images = example.get("images")
+            shape = self.shape(example["chat_template_kwargs"], parts=images is not None)
             text, marked = render(shape, messages, example["tools"], with_spans=shape.has_generation_markers)
             turns = _turns_from_markers(messages, marked) if marked else None
             if turns is None:
@@ -194,63 +215,121 @@ class ExampleTokenizer:
             prompt = None
             if checked and checked[0].message > 0:
                 prompt = _try_render(shape, messages[: checked[0].message], example["tools"])
-            jobs.append((result, text, checked, trained is None, prompt, example["chat_template_kwargs"]))
+            job = _Job(result, text, checked, trained is None, prompt, shape)
+            if images is not None:
+                shown = sum(p["type"] == "image" for m in messages for p in m["content"])
+                job.images = images[:shown]  # the images of the turns kept
+                if job.images and not self._expand_images(job):
+                    continue
+            jobs.append(job)
 
-        texts = [self._tokenized_part(job[1], self.shape(job[5])) for job in jobs]
+        texts = [job.text if job.images is not None else self._tokenized_part(job.text, job.shape) for job in jobs]
         encodings = self._encode(texts)
         for i, (text, encoding) in enumerate(zip(texts, encodings)):
-            if len(text) < len(jobs[i][1]) and len(encoding.ids) < (self.max_length or 0):  # cut too short
-                texts[i], encodings[i] = jobs[i][1], self._encode([jobs[i][1]])[0]
-        prompts = [job[4] for job in jobs if job[4] is not None]
+            if len(text) < len(jobs[i].text) and len(encoding.ids) < (self.max_length or 0):  # cut too short
+                texts[i], encodings[i] = jobs[i].text, self._encode([jobs[i].text])[0]
+        prompts = [job.prompt for job in jobs if job.prompt is not None]
         encoded_prompts = iter(self._encode_ids(prompts) if prompts else [])
-        for (result, full_text, turns, train_all, prompt, _), text, encoding in zip(jobs, texts, encodings):
-            prompt_ids = next(encoded_prompts) if prompt is not None else None
-            ids = np.asarray(encoding.ids, dtype=np.int32)
-            labels = ids.copy() if train_all else np.full_like(ids, IGNORE_INDEX)
-            kept = self._kept_tokens(len(ids))
-            cut = len(text) < len(full_text) or kept != slice(0, len(ids))
-            result.ids, result.labels, result.truncated = ids[kept], labels[kept], cut
-            turns = [_Turn(t.message, t.start, min(t.end, len(text)), t.prompt_found, t.stop_found and t.end <= len(text))
-                     for t in turns if t.start < len(text)]
-            if not turns:
-                continue
-            token_starts, token_ends, positions = self._token_bounds(text, ids, encoding, turns)
+        for job, text, encoding in zip(jobs, texts, encodings):
+            prompt_ids = next(encoded_prompts) if job.prompt is not None else None
+            self._finish(job, text, encoding, prompt_ids)
+        return results
+
+    def _expand_images(self, job: _Job) -> bool:
+        """Expand each image's placeholder into the model's image tokens, through the processor (which decides
+        how many tokens an image becomes); the turns and the inference prompt follow. False: the row has an error."""
+        if self.processor is None:
+            job.result.error = ("the row has images, but the model is not a vision-language model (it has no "
+                                "processor): use an image-text-to-text model, or drop the images")
+            return False
+        if job.shape.image_text is None:
+            job.result.error = ("the chat template writes nothing for an image part ({\"type\": \"image\"}): "
+                                "use the processor's chat template (check chat_template_path)")
+            return False
+        loaded = [load_image(ref) for ref in job.images]
+        try:
+            out = self.processor(text=[job.text], images=[loaded], return_text_replacement_offsets=True,
+                                 add_special_tokens=False)
+        except ValueError as err:
+            job.result.error = f"the processor refused the row ({_first_line(err)})"
+            return False
+        if "text_replacement_offsets" not in out:
+            raise UserError(f"{type(self.processor).__name__} does not report where it puts the image tokens "
+                            "(return_text_replacement_offsets): training on images needs a processor that does")
+        replacements = out["text_replacement_offsets"][0]
+        if len(replacements) != len(job.images):
+            job.result.error = (f"the chat template wrote {len(replacements)} image placeholder(s) "
+                                f"({self.processor.image_token!r}) for {len(job.images)} image(s)")
+            return False
+        original = job.text
+        job.text = _replaced(original, replacements)
+        job.image_spans = [tuple(r["new_span"]) for r in replacements]
+        job.turns = [_Turn(t.message, _moved(t.start, replacements), _moved(t.end, replacements), t.prompt_found,
+                           t.stop_found) for t in job.turns]
+        if job.prompt is not None and original.startswith(job.prompt):
+            job.prompt = _replaced(job.prompt, [r for r in replacements if r["span"][1] <= len(job.prompt)])
+        return True
+
+    def _finish(self, job: _Job, text: str, encoding: Any, prompt_ids: list[int] | None) -> None:
+        """Labels from the turns' spans, image tokens never trained, truncation, and the checks of one row."""
+        result, full_text, prompt = job.result, job.text, job.prompt
+        ids = np.asarray(encoding.ids, dtype=np.int32)
+        labels = ids.copy() if job.train_all else np.full_like(ids, IGNORE_INDEX)
+        turns = [_Turn(t.message, t.start, min(t.end, len(text)), t.prompt_found, t.stop_found and t.end <= len(text))
+                 for t in job.turns if t.start < len(text)]
+        spans = [(t.start, t.end) for t in turns] + job.image_spans
+        first = last = token_starts = np.zeros(0, dtype=np.int64)
+        span_starts = np.zeros(0, dtype=np.int64)
+        if spans:
+            token_starts, token_ends, positions = self._token_bounds(text, ids, encoding, spans)
             span_starts, span_ends = positions[0::2], positions[1::2]
             first = np.searchsorted(token_ends, span_starts, side="right")  # first token ending after the start
             last = np.searchsorted(token_starts, span_ends, side="left") - 1  # last token starting before the end
-            has_tokens = first <= last
-            if not train_all:
-                depth = np.zeros(len(ids) + 1, dtype=np.int32)  # +1 where a span opens, -1 after it closes
-                np.add.at(depth, first[has_tokens], 1)
-                np.add.at(depth, last[has_tokens] + 1, -1)
-                trained = np.cumsum(depth[:-1]) > 0
-                labels[trained] = ids[trained]
-            for number, turn in enumerate(turns):
-                where = f"message {turn.message + 1}"
-                if not has_tokens[number]:
-                    result.problems.append(("stop_not_trained", f"{where}: the turn has no tokens"))
-                    continue
-                start_token, end_token = int(first[number]), int(last[number])
-                if start_token < kept.start or end_token >= kept.stop:
-                    continue  # truncation cuts this turn: nothing to check
-                result.checked_turns += 1
-                if number == 0 and prompt_ids is not None and kept.start == 0:
-                    if not full_text.startswith(prompt):
-                        result.problems.append(("prompt_not_prefix", f"{where}: the inference prompt differs from "
-                                                f"the training text at {_difference(prompt, full_text)}"))
-                    elif ids[:start_token].tolist() != list(prompt_ids):
-                        result.problems.append(("prompt_not_prefix", f"{where}: the inference prompt tokenizes "
-                                                "differently from the training text"))
-                elif not turn.prompt_found:
-                    result.problems.append(("prompt_not_prefix", f"{where}: the training text lacks the "
-                                            "generation prompt that inference puts before this turn"))
-                elif token_starts[start_token] < span_starts[number]:
-                    result.problems.append(("prompt_not_prefix", f"{where}: a token spans the end of the prompt, "
-                                            "so the prompt alone tokenizes differently"))
-                if not turn.stop_found or int(ids[end_token]) not in self.stop_ids:
-                    ending = self.tokenizer.convert_ids_to_tokens(int(ids[end_token]))
-                    result.problems.append(("stop_not_trained", f"{where} ends with {ending!r}"))
-        return results
+        has_tokens = first <= last
+        n = len(turns)
+        if not job.train_all and n:
+            depth = np.zeros(len(ids) + 1, dtype=np.int32)  # +1 where a span opens, -1 after it closes
+            np.add.at(depth, first[:n][has_tokens[:n]], 1)
+            np.add.at(depth, last[:n][has_tokens[:n]] + 1, -1)
+            trained = np.cumsum(depth[:-1]) > 0
+            labels[trained] = ids[trained]
+        image_ranges = [(int(a), int(b) + 1) for a, b in zip(first[n:], last[n:])]
+        for a, b in image_ranges:
+            labels[a:b] = IGNORE_INDEX
+        if self.image_token_ids:
+            labels[np.isin(ids, self.image_token_ids)] = IGNORE_INDEX
+        kept = self._kept_tokens(len(ids))
+        if any(a < kept.start or b > kept.stop for a, b in image_ranges):
+            result.drop = "image_beyond_max_length"  # a cut image (or one cut off) would not match its tokens
+            return
+        cut = len(text) < len(full_text) or kept != slice(0, len(ids))
+        result.ids, result.labels, result.truncated = ids[kept], labels[kept], cut
+        result.images = job.images
+        for number, turn in enumerate(turns):
+            where = f"message {turn.message + 1}"
+            if not has_tokens[number]:
+                result.problems.append(("stop_not_trained", f"{where}: the turn has no tokens"))
+                continue
+            start_token, end_token = int(first[number]), int(last[number])
+            if start_token < kept.start or end_token >= kept.stop:
+                continue  # truncation cuts this turn: nothing to check
+            result.checked_turns += 1
+            if number == 0 and prompt_ids is not None and kept.start == 0:
+                if not full_text.startswith(prompt):
+                    result.problems.append(("prompt_not_prefix", f"{where}: the inference prompt differs from "
+                                            f"the training text at {_difference(prompt, full_text)}"))
+                elif ids[:start_token].tolist() != list(prompt_ids):
+                    result.problems.append(("prompt_not_prefix", f"{where}: the inference prompt tokenizes "
+                                            "differently from the training text"))
+            elif not turn.prompt_found:
+                result.problems.append(("prompt_not_prefix", f"{where}: the training text lacks the "
+                                        "generation prompt that inference puts before this turn"))
+            elif token_starts[start_token] < span_starts[number]:
+                result.problems.append(("prompt_not_prefix", f"{where}: a token spans the end of the prompt, "
+                                        "so the prompt alone tokenizes differently"))
+            if not turn.stop_found or int(ids[end_token]) not in self.stop_ids:
+                ending = self.tokenizer.convert_ids_to_tokens(int(ids[end_token]))
+                result.problems.append(("stop_not_trained", f"{where} ends with {ending!r}"))
 
     def _encode(self, texts: list[str]) -> list[Any]:
         if self.byte_lengths is not None and hasattr(self.backend, "encode_batch_fast"):
@@ -268,14 +347,14 @@ class ExampleTokenizer:
         return text if cut < 0 else text[:cut]
 
     def _token_bounds(self, text: str, ids: np.ndarray, encoding: Any,
-                      turns: list[_Turn]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Token start and end positions, and the turns' span starts and ends interleaved, in one unit.
+                      spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Token start and end positions, and the spans' starts and ends interleaved, in one unit.
 
         Byte-level vocabularies give each token's byte length, so cumulative sums place every token in the UTF-8
         text without asking the tokenizer for offsets (slow to fetch from Python); the total must match the text's
         bytes exactly (a normalizer may have changed it), else the tokenizer's own character offsets are used.
         """
-        chars = [position for turn in turns for position in (turn.start, turn.end)]
+        chars = [position for span in spans for position in span]
         if self.byte_lengths is not None:
             lengths = self.byte_lengths[ids]
             ends = np.cumsum(lengths)
@@ -329,6 +408,33 @@ def _char_to_byte(text: str, chars: list[int]) -> list[int]:
     return out
 
 
+def _replaced(text: str, replacements: list[dict[str, Any]]) -> str:
+    """`text` with the processor's replacements (original span -> replacement text) made."""
+    pieces, position = [], 0
+    for r in replacements:
+        start, end = r["span"]
+        pieces += [text[position:start], r["replacement"]]
+        position = end
+    return "".join(pieces) + text[position:]
+
+
+def _moved(position: int, replacements: list[dict[str, Any]]) -> int:
+    """Where a position of the original text lands after the replacements."""
+    shift = 0
+    for r in replacements:
+        start, end = r["span"]
+        if position >= end:
+            shift += len(r["replacement"]) - (end - start)
+        elif position > start:  # inside a placeholder: its expansion's end
+            return r["new_span"][1]
+    return position + shift
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _try_render(shape: TemplateShape, messages: list[dict], tools: list | None) -> str | None:
     try:
         return render(shape, messages, tools, add_generation_prompt=True)[0]
@@ -363,7 +469,7 @@ def _locate_turns(text: str, messages: list[dict], shape: TemplateShape) -> list
     content_starts: list[int] = []
     position, previous_role, previous_end = 0, None, None
     for index, message in enumerate(messages):
-        role, content = message["role"], message["content"]
+        role, content = message["role"], content_text(message, shape.image_text)
         found, length = _find_content(text, content, position, shape.gaps.get((previous_role, role), []))
         if role == "assistant":
             suffix = shape.generation_suffix.get(previous_role) if previous_role is not None else None

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sftune.config import SFTConfig
+from sftune.data.images import fingerprint_default
 from sftune.errors import ConfigError, DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
@@ -179,6 +180,18 @@ def _open_files(name: str, files: list[Path]) -> OpenedSplit:
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start} of a line or the file): save it as UTF-8") from None
+    except DataError:
+        raise
+    except Exception as err:  # pyarrow's errors for a corrupt or mislabelled parquet / arrow file
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: not a readable {path.suffix} file ({first_line}): check the file or its extension") from None
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_json_lines(path)
@@ -200,8 +213,13 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
 
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} line {number}: not UTF-8 text (byte {err.start} of the line): "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -263,7 +281,7 @@ def _open_in_memory(label: str, data: Any) -> OpenedSplit:
     if isinstance(data, list):
         if not all(isinstance(row, dict) for row in data):
             raise DataError(f"{label}: expected a list of dicts (one per row) or a datasets.Dataset")
-        digest = hashlib.blake2b(json.dumps(data, sort_keys=True, default=str).encode(), digest_size=16)
+        digest = hashlib.blake2b(json.dumps(data, sort_keys=True, default=fingerprint_default).encode(), digest_size=16)
         rows = data
         return OpenedSplit("list:" + digest.hexdigest(), lambda: SourceRows(label, rows, _row_origins(label, rows)))
     if hasattr(data, "to_list") and hasattr(data, "data"):  # a datasets.Dataset

@@ -4,6 +4,10 @@ We keep no registry of templates. `analyse_template` renders a few probe convers
 learn, for this template only: the text it writes between messages, the generation prompt that inference appends
 after each role (`add_generation_prompt=True`), and the token it writes to end an assistant turn. `render.py`
 uses these to find every turn of a real conversation in one rendering of it.
+
+Conversations with images give every message's content as a list of parts ({"type": "text", "text": ...},
+{"type": "image"}), as vision-language processors' templates expect. The same probes are then rendered as parts,
+and one more probe learns the text the template writes for an image part (such as "<image>").
 """
 
 from __future__ import annotations
@@ -60,6 +64,16 @@ def read_template_file(path_text: str) -> str:
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise ConfigError(f"config key 'chat_template_path' = {path_text!r}: the file is empty")
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:  # with the extensions transformers renders with ({% generation %}, loop controls)
+        _compile_jinja_template(text)
+    except TemplateSyntaxError as err:
+        raise ConfigError(
+            f"config key 'chat_template_path' = {path_text!r}: line {err.lineno} of {path} is not valid Jinja "
+            f"({err.message}): fix the template"
+        ) from None
     return text
 
 
@@ -161,6 +175,8 @@ class TemplateShape:
     stop_strings: tuple[str, ...] = ()  # strings that end an assistant turn's trained span
     has_generation_markers: bool = False
     cut_before: str | None = None  # an end-of-turn token the text before which tokenizes on its own
+    parts: bool = False  # contents are lists of parts (rows with images)
+    image_text: str | None = None  # what the template writes for an image part (parts only)
 
 
 PROBE_TOOL_CALL = [{"type": "function", "function": {"name": "probe_function", "arguments": {"x": 1}}}]
@@ -240,7 +256,21 @@ def _fast_template(template: str) -> Any:
     return _FAST_TEMPLATES[template]
 
 
-def analyse_template(tokenizer: Any, chat_template_kwargs: dict[str, Any] | None, stop_ids: set[int]) -> TemplateShape:
+def content_text(message: dict[str, Any], image_text: str | None) -> str:
+    """A message's content as one text: parts joined, each image part as the template's image text."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] if part["type"] == "text" else image_text or "" for part in content)
+
+
+def as_parts(messages: list[dict]) -> list[dict]:
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+            for m in messages]
+
+
+def analyse_template(tokenizer: Any, chat_template_kwargs: dict[str, Any] | None, stop_ids: set[int],
+                     parts: bool = False) -> TemplateShape:
     template = tokenizer.chat_template
     if isinstance(template, dict):  # named variants: the default one
         template = template.get("default") or next(iter(template.values()))
@@ -248,6 +278,7 @@ def analyse_template(tokenizer: Any, chat_template_kwargs: dict[str, Any] | None
         template=template,
         render_kwargs={**tokenizer.special_tokens_map, **(chat_template_kwargs or {})},
         has_generation_markers=bool(GENERATION_MARKER.search(template)),
+        parts=parts,
     )
 
     def message(role: str, tag: str, **extra: Any) -> dict[str, Any]:
@@ -269,10 +300,13 @@ def analyse_template(tokenizer: Any, chat_template_kwargs: dict[str, Any] | None
         if position is not None:
             shape.generation_suffix.setdefault(prompt[-1]["role"], text[position:])
     if "user" not in shape.generation_suffix:
+        kind = "whose content is a list of parts ({\"type\": \"text\", ...}) " if parts else ""
         raise UserError(
-            "the chat template cannot render a plain [user] conversation with add_generation_prompt=True "
+            f"the chat template cannot render a plain [user] message {kind}with add_generation_prompt=True "
             "(it raised an error or dropped the message): check chat_template_path or the tokenizer's template"
         )
+    if parts:
+        shape.image_text = _image_text(shape, u1)
 
     turn_text = _try_render(shape, [u1, a1, u2])
     if turn_text is not None:
@@ -292,9 +326,23 @@ def analyse_template(tokenizer: Any, chat_template_kwargs: dict[str, Any] | None
 
 def _try_render(shape: TemplateShape, messages: list[dict], add_generation_prompt: bool = False) -> str | None:
     try:
-        return render(shape, messages, add_generation_prompt=add_generation_prompt)[0]
+        return render(shape, as_parts(messages) if shape.parts else messages,
+                      add_generation_prompt=add_generation_prompt)[0]
     except Exception:  # a template may refuse a layout (roles must alternate, no system role, ...): skip it
         return None
+
+
+def _image_text(shape: TemplateShape, user: dict[str, Any]) -> str | None:
+    """What the template adds for an image part in front of a user's text: the difference of two renderings."""
+    plain = _try_render(shape, [user])
+    with_image = _try_render(shape, [{**user, "content": [{"type": "image"}, *as_parts([user])[0]["content"]]}])
+    if plain is None or with_image is None or len(with_image) <= len(plain):
+        return None
+    start = 0
+    while start < len(plain) and plain[start] == with_image[start]:
+        start += 1
+    start = min(start, with_image.find(user["content"]))  # the image goes before the text, whatever they share
+    return with_image[start:start + len(with_image) - len(plain)]
 
 
 def _content_end(text: str, content: str) -> int | None:

@@ -49,20 +49,29 @@ def save_model(model: Any, tokenizer: Any, output_dir: Path, state_dict: dict[st
         write_model(model, tokenizer, stage, state_dict)
 
 
-def save_new_folder(model: Any, tokenizer: Any, target: Path) -> None:
-    """Write a model into `target`, which must not exist or be empty, in one step.
+def save_new_folder(model: Any, tokenizer: Any, target: Path, overwrite: bool = False) -> None:
+    """Write a model into `target`, which must not exist or be empty unless `overwrite`, in one step.
 
     Everything is written to a hidden sibling folder first and renamed to `target` at the end, so `target`
-    either holds the complete model or does not exist (or stays empty).
+    either holds the complete new model or what it held before (with `overwrite`, the old folder is moved aside
+    and deleted only once the new one is in place).
     """
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise UserError(f"'{target}' already exists and is not empty: choose a new folder")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"'{target}' is a file: choose a new folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise UserError(f"'{target}' already exists and is not empty: choose a new folder, or pass --overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
         write_model(model, tokenizer, stage)
-        os.replace(stage, target)  # a rename onto a missing or empty folder is atomic
+        if target.is_dir() and any(target.iterdir()):
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+            stage.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, target)  # a rename onto a missing or empty folder is atomic
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

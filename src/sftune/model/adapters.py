@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from sftune.config import CONFIG_FILENAME, SFTConfig, load_config
-from sftune.errors import UserError
+from sftune.errors import ConfigError, UserError
 from sftune.model.load import (
     IMAGE_TEXT_TO_TEXT,
     compute_dtype,
@@ -35,6 +35,8 @@ log = logging.getLogger("sftune")
 
 ADAPTER_CONFIG = "adapter_config.json"
 GENERATION_CONFIG = "generation_config.json"
+# What torch.utils.checkpoint.checkpoint takes besides the function and its inputs.
+CHECKPOINT_KWARGS = {"use_reentrant", "preserve_rng_state", "context_fn", "determinism_check", "debug"}
 ALL_LINEAR = "all-linear"
 
 
@@ -57,6 +59,10 @@ def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None) -> None
     over a frozen base would otherwise drop every gradient of the adapters inside the checkpointed layers.
     """
     kwargs = {"use_reentrant": False} if kwargs is None else dict(kwargs)
+    unknown = sorted(set(kwargs) - CHECKPOINT_KWARGS)
+    if unknown:  # torch would only complain at the first backward pass, with no word of the config key
+        raise ConfigError(f"config key 'gradient_checkpointing_kwargs' has '{unknown[0]}', which "
+                          f"torch.utils.checkpoint does not take (known: {', '.join(sorted(CHECKPOINT_KWARGS))})")
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 renamed the method
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -72,6 +78,7 @@ def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
     # autocast_adapter_dtype=False: peft would otherwise train bf16/fp16 adapters in fp32; sftune trains in the
     # dtype the model is loaded in, so the adapters take the dtype of the layer they adapt (see below for kbit).
     if config.adapter_name_or_path:
+        check_adapter_files(config.adapter_name_or_path, config.allow_pickled_weights, "adapter_name_or_path")
         try:
             with _quiet_peft():
                 model = PeftModel.from_pretrained(
@@ -183,7 +190,19 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def merge_adapter(run_dir: str | Path, output: str | Path) -> Path:
+def check_adapter_files(folder: str | Path, allow_pickled_weights: bool, key: str) -> None:
+    """A local adapter saved only with pickle (adapter_model.bin) loads only with allow_pickled_weights."""
+    path = Path(folder).expanduser()
+    if allow_pickled_weights or not path.is_dir() or (path / "adapter_model.safetensors").is_file():
+        return
+    if (path / "adapter_model.bin").is_file():
+        raise UserError(
+            f"adapter folder '{folder}' ({key}) holds only pickled weights (adapter_model.bin), which can run code "
+            "when loaded: convert them to safetensors, or set allow_pickled_weights: true if you trust the file"
+        )
+
+
+def merge_adapter(run_dir: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Fold the adapter saved in `run_dir` into its base model and write a full model to `output` (a new folder).
 
     The base is loaded unquantized, in the run's dtype, even when the adapter was trained on a 4- or 8-bit base:
@@ -196,13 +215,15 @@ def merge_adapter(run_dir: str | Path, output: str | Path) -> Path:
     if not is_adapter_folder(run_dir):
         what = "a full model (nothing to merge)" if (run_dir / "config.json").is_file() else "no adapter"
         raise UserError(f"'{run_dir}' holds {what}: expected a run folder with {ADAPTER_CONFIG}")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"output '{output}' already exists and is not empty: choose a new folder")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output '{output}' is a file: choose a new folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UserError(f"output '{output}' already exists and is not empty: choose a new folder, or pass --overwrite")
     log.info("merging the adapter in %s into its base model", run_dir)
     model, saved_with = load_adapter_run(run_dir)
     with _quiet_peft():
         merged = model.merge_and_unload()
-    save_new_folder(merged, saved_with, output)
+    save_new_folder(merged, saved_with, output, overwrite=overwrite)
     log.info("saved the merged model to %s", output)
     return output
 
@@ -213,6 +234,7 @@ def load_adapter_run(run_dir: Path) -> tuple[Any, Any]:
     from peft import PeftModel
 
     config = base_model_config(run_dir)
+    check_adapter_files(run_dir, config.allow_pickled_weights, "RUN_DIR")
     base = load_model(config)
     saved_with = run_tokenizer(run_dir, config)
     use_saved_generation_config(base, run_dir, text_tokenizer(saved_with))

@@ -19,7 +19,9 @@ from sftune.errors import ConfigError, UserError
 
 log = logging.getLogger("sftune")
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+# Pickle can run code when loaded: these load only with allow_pickled_weights.
+PICKLED_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 CAUSAL_LM = "causal_lm"
 IMAGE_TEXT_TO_TEXT = "image_text_to_text"
@@ -29,7 +31,7 @@ OWN_LOAD_KEYS = {
     "dtype": "dtype", "torch_dtype": "dtype", "attn_implementation": "attn_implementation",
     "revision": "model_revision", "trust_remote_code": "trust_remote_code", "gguf_file": "gguf_file",
     "quantization_config": "load_in_4bit / load_in_8bit", "load_in_4bit": "load_in_4bit",
-    "load_in_8bit": "load_in_8bit",
+    "load_in_8bit": "load_in_8bit", "use_safetensors": "allow_pickled_weights",
 }
 
 
@@ -62,6 +64,23 @@ def _check_local(config: SFTConfig) -> None:
         raise UserError(f"model folder '{name}' has no config.json: it is not a saved transformers model{hint}")
 
 
+def check_model_files(config: SFTConfig) -> None:
+    """A local model folder holds weights this run may load; checked before any data is prepared."""
+    _check_local(config)
+    name = config.model_name_or_path
+    path = Path(name).expanduser()
+    if not path.is_dir() or config.gguf_file or any((path / f).is_file() for f in SAFE_WEIGHT_FILES):
+        return
+    if any((path / f).is_file() for f in PICKLED_WEIGHT_FILES):
+        if config.allow_pickled_weights:
+            return
+        raise UserError(
+            f"model folder '{name}' holds only pickled weights (pytorch_model.bin), which can run code when loaded: "
+            "convert them to safetensors, or set allow_pickled_weights: true if you trust the file"
+        )
+    raise UserError(f"model folder '{name}' holds no weights (expected model.safetensors)")
+
+
 def _source_kwargs(config: SFTConfig) -> dict[str, Any]:
     """Where the files come from: shared by config, tokenizer, processor and model loading."""
     kwargs: dict[str, Any] = {"revision": config.model_revision, "trust_remote_code": config.trust_remote_code}
@@ -76,7 +95,10 @@ def _load_error(what: str, config: SFTConfig, err: Exception) -> UserError:
         return UserError(
             f"model '{name}' ships its own Python code: set trust_remote_code: true only if you trust its authors"
         )
-    return UserError(f"could not load {what} of '{name}' from the {_where(name)}: {message}")
+    hint = ""
+    if what == "the model" and "safetensors" in message and not config.allow_pickled_weights:
+        hint = " (only safetensors weights load unless allow_pickled_weights: true; set it only if you trust the files)"
+    return UserError(f"could not load {what} of '{name}' from the {_where(name)}: {message}{hint}")
 
 
 def load_model_config(config: SFTConfig) -> Any:
@@ -150,12 +172,11 @@ def load_model(config: SFTConfig, device: torch.device | str | None = None) -> A
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     name = config.model_name_or_path
-    _check_local(config)
-    path = Path(name).expanduser()
-    if path.is_dir() and not config.gguf_file and not any((path / f).is_file() for f in WEIGHT_FILES):
-        raise UserError(f"model folder '{name}' holds no weights (expected model.safetensors)")
+    check_model_files(config)
     kind = model_class_of(config)
     kwargs: dict[str, Any] = {**_source_kwargs(config), "dtype": torch_dtype(config.dtype)}
+    if not config.gguf_file and not config.allow_pickled_weights:
+        kwargs["use_safetensors"] = True  # a Hub repository with only pickled weights fails instead of unpickling
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     quantization = quantization_config(config)
@@ -170,6 +191,11 @@ def load_model(config: SFTConfig, device: torch.device | str | None = None) -> A
         model = model_class.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as err:
         raise _load_error("the model", config, err) from None
+    except TypeError as err:
+        if not config.model_init_kwargs:
+            raise
+        raise ConfigError(f"config key 'model_init_kwargs': {model_class.__name__}.from_pretrained refused "
+                          f"them ({first_line(err)}): check model_init_kwargs") from None
     except RuntimeError as err:
         if quantization is None:
             raise

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sftune.config import SFTConfig
+from sftune.config import SFTConfig, without_secrets
 from sftune.errors import UserError
 
 METRICS_FILENAME = "metrics.jsonl"
@@ -64,7 +64,7 @@ class _WandB:
 
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sftune"), name=run_name, config=config.to_dict())
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sftune"), name=run_name, config=without_secrets(config.to_dict()))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
@@ -80,7 +80,7 @@ class _Trackio:
         import trackio
 
         self.trackio = trackio
-        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "sftune"), name=run_name, config=config.to_dict(),
+        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "sftune"), name=run_name, config=without_secrets(config.to_dict()),
                      embed=False)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -133,16 +133,29 @@ def trim_metrics_after(output_dir: Path, step: int) -> None:
     for name in (METRICS_FILENAME, SAMPLES_FILENAME):
         path = output_dir / name
         if path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             tmp.replace(path)
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill (or blank) counts as after every checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
 def _append_json(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, allow_nan=True) + "\n")
+    try:
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, allow_nan=True) + "\n")
+    except OSError as err:
+        raise UserError(
+            f"could not write {path} ({err.strerror or err}); the checkpoints are untouched: free some space, "
+            "then continue with resume_from_checkpoint: true"
+        ) from None
 
 
 def _short(value: Any) -> str:
