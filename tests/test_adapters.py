@@ -18,9 +18,10 @@ from sftune.model.adapters import default_target_modules, prepare_for_training
 from sftune.model.load import load_model
 from sftune.training.loss import CausalLMWithLoss
 
-ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+# generation_config.json: peft leaves it out, sftune saves it beside the adapter (see tests/test_export.py)
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "generation_config.json"}
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
-RUN_FILES = {"metrics.jsonl", CONFIG_FILENAME}
+RUN_FILES = {"metrics.jsonl", CONFIG_FILENAME, "README.md", "loss_curve.png"}  # the card and its plot
 
 
 def lora_config(model_dir, data, output_dir, **overrides) -> SFTConfig:

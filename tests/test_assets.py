@@ -72,6 +72,11 @@ def test_demo_command_runs_on_the_real_model(smollm2_dir, tmp_path, capsys, monk
     assert "Q: Who are you?" in out and "before:" in out and "after:" in out
     assert (tmp_path / "sftune-demo" / "adapter_model.safetensors").is_file()  # the demo trains LoRA
     assert "sftune merge sftune-demo --output sftune-demo-merged" in out
+    # sftune chat on the saved adapter (over the real base) answers as the trained model did in memory
+    after = out.split("after:", 1)[1].split("\n", 1)[0].strip()
+    assert main(["chat", "sftune-demo", "--prompt", "Who are you?", "--temperature", "0", "--max_new_tokens", "12"]) == 0
+    reply = capsys.readouterr().out.strip()
+    assert reply and after.startswith(reply)
     assert main(["demo", "--max_steps", "1", "--per_device_train_batch_size", "1", "--max_length", "64",
                  "--use_peft", "false"]) == 0
     assert (tmp_path / "sftune-demo-2" / "model.safetensors").is_file()  # a second demo never overwrites the first

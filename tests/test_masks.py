@@ -12,6 +12,7 @@ from conftest import build_tokenizer
 
 from sftune import SFTConfig
 from sftune.data.prepare import prepare_train_data
+from sftune.data.template import stop_token_ids
 from sftune.errors import DataError
 
 U1, A1, U2, A2 = "hello how are you", "fine thanks", "what is your name", "my name is model"
@@ -117,16 +118,15 @@ def test_prompt_ending_inside_a_token_is_reported(tokenizer):
     assert trained_runs(tokenizer, data.train_rows[0]) == [f" {A1}<|im_end|>", f" {A2}<|im_end|>"]
 
 
-def test_turn_end_that_is_not_the_eos_is_reported(tokenizer):
+def test_turn_end_that_is_not_the_eos_stops_generation(tokenizer):
+    # The saved generation config stops at the template's end-of-turn token too (tests/test_export.py), so a
+    # trained <|im_end|> is a trained stop even where the tokenizer's EOS is another token.
     other = build_tokenizer()
     other.eos_token = "<|endoftext|>"
     data = prepare(other, [{"messages": CHAT}], assistant_only_loss=True)
     assert trained_runs(tokenizer, data.train_rows[0]) == [A1 + "<|im_end|>", A2 + "<|im_end|>"]
-    assert problems(data) == {"stop_not_trained": 1}
-    example = data.stats["template_checks"]["stop_not_trained"]["examples"][0]
-    assert "train_dataset row 1: message 2 ends with '<|im_end|>'" in example
-    fixed = prepare(build_tokenizer(), [{"messages": CHAT}], assistant_only_loss=True, eos_token="<|im_end|>")
-    assert problems(fixed) == {}
+    assert problems(data) == {}
+    assert stop_token_ids(other, None) == {other.convert_tokens_to_ids("<|im_end|>"), other.eos_token_id}
 
 
 def test_real_smollm2_template_with_its_default_system_prompt(smollm2_tokenizer):

@@ -86,6 +86,37 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true",
                        help="Replace DIR if it holds files (the old content is removed once the new model is in place).")
     merge.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
+
+    chat = commands.add_parser(
+        "chat", help="Talk to a trained model: a run's output_dir (full model or adapter) or a merged model.",
+        allow_abbrev=False, usage="sftune chat RUN_DIR [--prompt TEXT] [--system TEXT] [--max_new_tokens N] "
+        "[--temperature T]",
+        description="Load the model in RUN_DIR (an adapter on the base model its run names) and chat with it: "
+        "interactive, with the conversation's history and the reply printed as it is generated, or one answer "
+        "to --prompt. Replies end at the end-of-turn token the model was trained to write.",
+    )
+    chat.add_argument("run_dir", metavar="RUN_DIR", help="A run's output_dir, or a folder written by sftune merge.")
+    chat.add_argument("--prompt", metavar="TEXT", help="Answer this one message and exit.")
+    chat.add_argument("--system", metavar="TEXT", help="System message that opens the conversation.")
+    chat.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=256, metavar="N",
+                      help="Longest reply in tokens (default: 256).")
+    chat.add_argument("--temperature", type=float, default=0.7, metavar="T",
+                      help="Sampling temperature; 0 answers greedily, the same every time (default: 0.7).")
+    chat.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
+
+    push = commands.add_parser(
+        "push", help="Upload a finished run to the Hugging Face Hub (again, after a failed push).",
+        allow_abbrev=False, usage="sftune push RUN_DIR [--hub_model_id ID] [--hub_private_repo true|false]",
+        description="Upload a run's output_dir (model or adapter, tokenizer, model card, loss plot, metrics, config; "
+        "not checkpoints) to the repository its config names. The token comes from HF_TOKEN or `hf auth login`.",
+    )
+    push.add_argument("run_dir", metavar="RUN_DIR", help="A run's output_dir.")
+    push.add_argument("--hub_model_id", "--hub-model-id", metavar="ID",
+                      help="Repository 'name' or 'owner/name' (default: the run's hub_model_id, else the "
+                      "folder's name).")
+    push.add_argument("--hub_private_repo", "--hub-private-repo", choices=["true", "false"],
+                      help="Create the repository as private or public (default: the run's setting).")
+    push.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
     return parser
 
 
@@ -100,7 +131,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     if args.command is None:
         parser.print_help()
         raise SystemExit(EXIT_USER_ERROR)
-    reserved = {"command", "config", "debug", "num_processes", "run_dir", "output", "jsonl", "num_examples", "overwrite"}
+    reserved = {"command", "config", "debug", "num_processes", "run_dir", "output", "jsonl", "num_examples",
+                "overwrite", "prompt", "system", "max_new_tokens", "temperature"}
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     return args, overrides
 
@@ -133,6 +165,19 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging()
             merge_adapter(args.run_dir, args.output, overwrite=args.overwrite)
+        elif args.command == "chat":
+            from sftune.chat import run_chat
+            from sftune.run import setup_logging
+
+            setup_logging()
+            run_chat(args.run_dir, args.prompt, args.system, args.max_new_tokens, args.temperature)
+        elif args.command == "push":
+            from sftune.export.hub import push_saved_run
+            from sftune.run import setup_logging
+
+            setup_logging()
+            private = None if args.hub_private_repo is None else args.hub_private_repo == "true"
+            push_saved_run(args.run_dir, args.hub_model_id, private)
         return 0
     except UserError as err:
         if debug:

@@ -40,7 +40,14 @@ NOT_SUPPORTED = {
     "fp16": "sftune trains in the dtype the model is loaded in: set `dtype: float16` instead",
     "tf32": "not configurable in sftune; remove it",
     "dataset_kwargs": "sftune detects pre-tokenized rows (an input_ids column) by itself; remove it",
+    "hub_token": "a token in the config would be saved with the run: set HF_TOKEN or run `hf auth login` instead",
+    "push_to_hub_token": "a token in the config would be saved with the run: set HF_TOKEN or run `hf auth login`",
+    "hub_strategy": "sftune pushes once, when training ends (checkpoints stay local); remove it",
+    "hub_revision": "sftune pushes to the repository's main branch; remove it",
 }
+
+_HUB_NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+HUB_MODEL_ID = re.compile(rf"^(?:{_HUB_NAME}/)?{_HUB_NAME}$")
 
 
 def _opt(default: Any, help: str, group: str) -> Any:
@@ -282,6 +289,22 @@ class SFTConfig:
     )
     run_name: str | None = _opt(None, "Run name shown in trackers (unset: the output_dir's name).", "output")
 
+    # ---- Hub: push the result when training ends. No token field: the token comes from HF_TOKEN or the
+    # `hf auth login` file, so that it is never saved with the run.
+    push_to_hub: bool = _opt(
+        False,
+        "When training ends, upload the model or adapter, tokenizer, model card, loss plot, metrics and config to "
+        "the Hugging Face Hub (token: HF_TOKEN or `hf auth login`; checkpoints are not uploaded).",
+        "hub",
+    )
+    hub_model_id: str | None = _opt(
+        None, "Hub repository to push to: 'name' (under your account) or 'owner/name' (unset: the output_dir's "
+        "folder name under your account).", "hub",
+    )
+    hub_private_repo: bool | None = _opt(
+        None, "Create the Hub repository as private (true) or public (false); unset: the Hub's default.", "hub"
+    )
+
     def __post_init__(self) -> None:
         hints = _type_hints()
         for f in dataclasses.fields(self):
@@ -342,6 +365,7 @@ class SFTConfig:
                 "a GGUF checkpoint is dequantized when loaded; use a safetensors model for bitsandbytes"
             )
         self._check_data_settings()
+        self._check_hub_settings()
         if self.warmup_ratio > 0 and self.warmup_steps > 0:
             raise ConfigError(
                 f"config keys 'warmup_ratio' ({self.warmup_ratio}) and 'warmup_steps' ({self.warmup_steps}) "
@@ -362,6 +386,15 @@ class SFTConfig:
             raise ConfigError("config keys 'dataset_test_split' and 'eval_ratio' are both set: keep one of them")
         if self.datasets is not None:
             check_dataset_entries(self.datasets)
+
+    def _check_hub_settings(self) -> None:
+        name = self.hub_model_id
+        if name is not None and (not HUB_MODEL_ID.match(name) or len(name.split("/")[-1]) > 96
+                                 or ".." in name or "--" in name or name.endswith(".git")):
+            raise ConfigError(
+                f"config key 'hub_model_id' = {name!r}: expected 'name' or 'owner/name' (letters, digits, '-', '_', "
+                "'.'; no '--' or '..'; at most 96 characters)"
+            )
 
     def check_ready_to_train(self, dataset_given: bool = False) -> None:
         """The keys a training run cannot do without; checked at train time, so a partial config can be built."""

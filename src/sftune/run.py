@@ -109,6 +109,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
           formatting_func: Any = None) -> TrainResult:
     """`train_dataset` / `eval_dataset` (a datasets.Dataset or a list of dicts) replace the config's datasets;
     `formatting_func` turns each raw row into text or into a row of any supported format."""
+    run_started = time.perf_counter()
     config.check_ready_to_train(dataset_given=train_dataset is not None)
 
     from accelerate import Accelerator
@@ -117,6 +118,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     from sftune.data.collate import make_collator
     from sftune.data.prepare import prepare_train_data
     from sftune.data.template import fit_model_to_tokenizer
+    from sftune.export.hub import check_push_settings
     from sftune.model.adapters import prepare_for_training
     from sftune.model.load import check_model_files, load_model, load_processor, load_tokenizer
     from sftune.training.checkpoint import list_checkpoints, resolve_resume_path
@@ -125,6 +127,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
 
     setup_logging()
     requested_trackers(config)  # a missing tracker package fails now, not after data preparation
+    repo_id = check_push_settings(config) if config.push_to_hub else None  # and a missing Hub token
     if config.full_determinism:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -172,4 +175,25 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     trainer.save_final_model()
     what = "adapter" if config.use_peft else "model"
     log.info("saved the %s to %s (%.0f s of training)", what, output_dir, seconds)
-    return TrainResult(output_dir, history, trainer.step, data.stats, seconds, trainer.model, tokenizer, processor)
+    result = TrainResult(output_dir, history, trainer.step, data.stats, seconds, trainer.model, tokenizer, processor)
+    if accelerator.is_main_process:
+        describe_and_publish(result, config, repo_id, accelerator.num_processes, time.perf_counter() - run_started)
+    return result
+
+
+def describe_and_publish(result: TrainResult, config: SFTConfig, repo_id: str | None, num_processes: int,
+                         run_seconds: float) -> None:
+    """After the final save: the model card and loss plot, then the push to the Hub when asked for. A failed push
+    raises HubPushError (the CLI exits with code 2); the saved run stays as it is."""
+    from sftune.export.card import RunSummary, write_model_card
+    from sftune.export.hub import push_run
+
+    summary = RunSummary(config, result.output_dir, result.data_stats, result.history, result.train_seconds,
+                         run_seconds, num_processes, repo_id, vision=result.processor is not None)
+    try:
+        write_model_card(summary)
+    except OSError as err:
+        raise UserError(f"could not write the model card to {result.output_dir} ({err.strerror or err}); the model "
+                        "is saved") from None
+    if repo_id is not None:
+        push_run(result.output_dir, repo_id, config.hub_private_repo)

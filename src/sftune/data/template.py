@@ -105,21 +105,51 @@ def special_prefix_ids(tokenizer: Any) -> list[int]:
 
 
 def fit_model_to_tokenizer(model: Any, tokenizer: Any) -> None:
-    """Grow the embeddings for added tokens, and make the EOS stop generation."""
+    """Grow the embeddings for added tokens, and make generation stop where training taught the model to stop."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
         log.info("model: embeddings resized to %d tokens for the tokens added to the tokenizer", len(tokenizer))
     generation = getattr(model, "generation_config", None)
-    if generation is not None and tokenizer.eos_token_id is not None:
-        eos = generation.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        if tokenizer.eos_token_id not in eos:
-            generation.eos_token_id = [tokenizer.eos_token_id, *eos] if eos else tokenizer.eos_token_id
+    if generation is not None:
+        set_generation_stops(generation, tokenizer)
+
+
+def set_generation_stops(generation: Any, tokenizer: Any) -> None:
+    """Make a GenerationConfig stop at the template's end-of-turn token and at the EOS, keeping its own stops.
+
+    generate() reads only the generation config, never the tokenizer, so a model whose template ends each turn with
+    <|im_end|> but whose EOS is another token would otherwise write past the end of its reply. A pad id is set too,
+    so generate() need not guess one.
+    """
+    eos = generation.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    stops = list(dict.fromkeys([*generation_stop_ids(tokenizer), *eos]))
+    if stops:
+        generation.eos_token_id = stops[0] if len(stops) == 1 else stops
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [None])[0]
+
+
+def generation_stop_ids(tokenizer: Any) -> list[int]:
+    """The ids a reply ends with: the chat template's end-of-turn token (the one training teaches an assistant turn
+    to end with, see `analyse_template`), then the tokenizer's EOS."""
+    ids = []
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            turn_end = analyse_template(tokenizer, None, set()).turn_end
+        except UserError:  # a template that cannot render a plain conversation: the data checks report it
+            turn_end = None
+        if turn_end is not None:
+            ids.append(tokenizer.convert_tokens_to_ids(turn_end))
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
 
 
 def stop_token_ids(tokenizer: Any, model_name: str | None) -> set[int]:
-    """Token ids that stop generation: the tokenizer's EOS, plus the model's generation_config eos_token_id."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    """Token ids that stop generation: the tokenizer's EOS and the template's end-of-turn token (sftune saves both in
+    the trained model's generation config), plus the model's own generation_config eos_token_id."""
+    ids = set(generation_stop_ids(tokenizer))
     folder = Path(model_name).expanduser() if model_name else None
     if folder is not None and (folder / "generation_config.json").is_file():
         try:

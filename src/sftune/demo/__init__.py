@@ -50,3 +50,4 @@ def run_demo(overrides: dict[str, Any]) -> None:
     else:
         print(f"The fine-tuned model is in {result.output_dir}; load it with "
               f"AutoModelForCausalLM.from_pretrained('{result.output_dir}').")
+    print(f"Talk to it with `sftune chat {result.output_dir}`; its model card is {result.output_dir}/README.md.")

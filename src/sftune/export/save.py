@@ -1,8 +1,9 @@
 """Write the trained model and tokenizer so that transformers (or peft) loads them as-is. Files land atomically.
 
-A full model is saved as safetensors weights, config and generation config; a peft model as its adapter only
-(adapter_config.json, adapter_model.safetensors). Either way the tokenizer, or a vision-language model's
-processor, is saved alongside with its chat template.
+A full model is saved as safetensors weights, config and generation config; a peft model as its adapter
+(adapter_config.json, adapter_model.safetensors) and the generation config, which peft leaves out: it holds the
+end-of-turn token that stops generation, for `sftune chat`, `sftune merge` and anyone loading the adapter. Either
+way the tokenizer, or a vision-language model's processor, is saved alongside with its chat template.
 """
 
 from __future__ import annotations
@@ -80,4 +81,7 @@ def write_model(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, 
     model.save_pretrained(folder, **({"state_dict": dict(state_dict)} if state_dict is not None else {}))
     if hasattr(model, "peft_config"):
         (folder / PEFT_CARD).unlink(missing_ok=True)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -34,6 +34,7 @@ from sftune.model.load import (
 log = logging.getLogger("sftune")
 
 ADAPTER_CONFIG = "adapter_config.json"
+GENERATION_CONFIG = "generation_config.json"
 # What torch.utils.checkpoint.checkpoint takes besides the function and its inputs.
 CHECKPOINT_KWARGS = {"use_reentrant", "preserve_rng_state", "context_fn", "determinism_check", "debug"}
 ALL_LINEAR = "all-linear"
@@ -205,10 +206,9 @@ def merge_adapter(run_dir: str | Path, output: str | Path, overwrite: bool = Fal
     """Fold the adapter saved in `run_dir` into its base model and write a full model to `output` (a new folder).
 
     The base is loaded unquantized, in the run's dtype, even when the adapter was trained on a 4- or 8-bit base:
-    merging into quantized weights would round the update away.
+    merging into quantized weights would round the update away. The merged model keeps the run's generation
+    config, so it stops at the end-of-turn token the adapter was trained to write.
     """
-    from peft import PeftModel
-
     from sftune.export.save import save_new_folder
 
     run_dir, output = Path(run_dir).expanduser(), Path(output).expanduser()
@@ -219,18 +219,49 @@ def merge_adapter(run_dir: str | Path, output: str | Path, overwrite: bool = Fal
         raise UserError(f"output '{output}' is a file: choose a new folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise UserError(f"output '{output}' already exists and is not empty: choose a new folder, or pass --overwrite")
-    config = base_model_config(run_dir)
-    check_adapter_files(run_dir, config.allow_pickled_weights, "RUN_DIR")
-    log.info("merging the adapter in %s into %s", run_dir, config.model_name_or_path)
-    model = load_model(config)
-    try:
-        with _quiet_peft():
-            merged = PeftModel.from_pretrained(model, run_dir).merge_and_unload()
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"could not apply the adapter in '{run_dir}' to its base model: {first_line(err)}") from None
-    save_new_folder(merged, _run_tokenizer(run_dir, config), output, overwrite=overwrite)
+    log.info("merging the adapter in %s into its base model", run_dir)
+    model, saved_with = load_adapter_run(run_dir)
+    with _quiet_peft():
+        merged = model.merge_and_unload()
+    save_new_folder(merged, saved_with, output, overwrite=overwrite)
     log.info("saved the merged model to %s", output)
     return output
+
+
+def load_adapter_run(run_dir: Path) -> tuple[Any, Any]:
+    """The adapter in `run_dir` on its base model (unquantized, in the run's dtype), and the run's tokenizer or
+    processor. Generation stops where the run's saved generation config says (see `use_saved_generation_config`)."""
+    from peft import PeftModel
+
+    config = base_model_config(run_dir)
+    check_adapter_files(run_dir, config.allow_pickled_weights, "RUN_DIR")
+    base = load_model(config)
+    saved_with = run_tokenizer(run_dir, config)
+    use_saved_generation_config(base, run_dir, text_tokenizer(saved_with))
+    try:
+        with _quiet_peft():
+            return PeftModel.from_pretrained(base, run_dir), saved_with
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"could not apply the adapter in '{run_dir}' to its base model: {first_line(err)}") from None
+
+
+def use_saved_generation_config(model: Any, folder: Path, tokenizer: Any) -> None:
+    """Give `model` the generation config saved in `folder` (beside an adapter, peft does not load it), and make
+    sure it stops at the template's end-of-turn token, also for folders that sftune did not write."""
+    from transformers import GenerationConfig
+
+    from sftune.data.template import set_generation_stops
+
+    if (folder / GENERATION_CONFIG).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    set_generation_stops(model.generation_config, tokenizer)
+
+
+def text_tokenizer(saved_with: Any) -> Any:
+    """The tokenizer itself, also when a vision-language model's processor holds it."""
+    from transformers import ProcessorMixin
+
+    return saved_with.tokenizer if isinstance(saved_with, ProcessorMixin) else saved_with
 
 
 def base_model_config(run_dir: Path) -> SFTConfig:
@@ -247,7 +278,7 @@ def base_model_config(run_dir: Path) -> SFTConfig:
     return SFTConfig(model_name_or_path=base)
 
 
-def _run_tokenizer(run_dir: Path, config: SFTConfig) -> Any:
+def run_tokenizer(run_dir: Path, config: SFTConfig) -> Any:
     """The tokenizer (or processor) saved with the run; the base model's where the run has none."""
     from transformers import AutoProcessor, AutoTokenizer
 
@@ -255,4 +286,3 @@ def _run_tokenizer(run_dir: Path, config: SFTConfig) -> Any:
         vision = model_class_of(config) == IMAGE_TEXT_TO_TEXT
         return (AutoProcessor if vision else AutoTokenizer).from_pretrained(run_dir)
     return load_processor(config) or load_tokenizer(config)
-
