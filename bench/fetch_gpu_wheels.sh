@@ -9,8 +9,9 @@
 #
 #   bench/fetch_gpu_wheels.sh                 # wheels for the local Python version
 #   PYVER=3.12 bench/fetch_gpu_wheels.sh      # for another Python on the GPU machine
-#   SKIP_TORCH=1 bench/fetch_gpu_wheels.sh    # the GPU machine already has a CUDA torch
-# Size: about 4 GB with torch and its CUDA libraries, about 100 MB without.
+#   TORCH=torch==2.8.0 bench/fetch_gpu_wheels.sh   # match a CUDA torch the GPU machine already has
+# Size: about 4 GB (torch's CUDA libraries are most of it; peft, accelerate and trl depend on torch, so it is
+# always downloaded; gpu_check.sh installs it only if the machine's own torch does not satisfy the pins).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -18,9 +19,8 @@ PYVER=${PYVER:-$($PY -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_
 TORCH=${TORCH:-torch==2.13.0}
 DEST=bench/wheels
 mkdir -p "$DEST"
-packages=("transformers>=5.0,<6" "peft>=0.17,<1" "datasets>=3.0,<6" "accelerate>=1.0,<2" "safetensors>=0.4,<1"
+packages=("$TORCH" "transformers>=5.0,<6" "peft>=0.17,<1" "datasets>=3.0,<6" "accelerate>=1.0,<2" "safetensors>=0.4,<1"
           "pyyaml>=6.0" "tqdm>=4.60" "numpy>=1.24" "gguf>=0.10" "trl==1.16.0" "liger-kernel" "setuptools>=68" "wheel")
-if [ -z "${SKIP_TORCH:-}" ]; then packages=("$TORCH" "${packages[@]}"); fi
 # --platform/--python-version fetch Linux x86_64 wheels whatever this machine is; PyPI's default torch for
 # Linux x86_64 is the CUDA build, which is what the GPU machine needs.
 "$PY" -m pip download --dest "$DEST" --only-binary=:all: --python-version "$PYVER" \
