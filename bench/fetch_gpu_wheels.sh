@@ -19,8 +19,9 @@ PYVER=${PYVER:-$($PY -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_
 TORCH=${TORCH:-torch==2.13.0}
 DEST=bench/wheels
 mkdir -p "$DEST"
-packages=("$TORCH" "transformers>=5.0,<6" "peft>=0.17,<1" "datasets>=3.0,<6" "accelerate>=1.0,<2" "safetensors>=0.4,<1"
-          "pyyaml>=6.0" "tqdm>=4.60" "numpy>=1.24" "gguf>=0.10" "trl==1.16.0" "liger-kernel" "setuptools>=68" "wheel")
+# sftune's own dependencies, read from pyproject.toml (Python 3.11+: tomllib; torch replaced by $TORCH), then the benchmark's
+mapfile -t packages < <("$PY" -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if not d.startswith("torch")))')
+packages=("$TORCH" "${packages[@]}" "trl==1.16.0" "liger-kernel" "setuptools>=68" "wheel")
 # --platform/--python-version fetch Linux x86_64 wheels whatever this machine is; PyPI's default torch for
 # Linux x86_64 is the CUDA build, which is what the GPU machine needs.
 "$PY" -m pip download --dest "$DEST" --only-binary=:all: --python-version "$PYVER" \
