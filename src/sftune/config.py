@@ -195,10 +195,12 @@ class SFTConfig:
         "wrapped: rows cut to fill every sequence exactly.",
         "data",
     )
-    padding_free: bool = _opt(
-        False,
+    padding_free: bool | None = _opt(
+        None,
         "No padding: with FlashAttention each batch is joined into one sequence (documents told apart by "
-        "position_ids); on sdpa/eager each row runs as a micro-batch of its own (same update, no padding compute).",
+        "position_ids); on sdpa/eager each row runs as a micro-batch of its own (same update, no padding compute). "
+        "Unset: on with FlashAttention and on CPU, off for vision-language models, for sdpa/eager on a GPU "
+        "(rows one at a time would underfeed it) and under FSDP/DeepSpeed.",
         "data",
     )
     group_by_length: bool = _opt(

@@ -105,6 +105,17 @@ def _checkpoint_step(path: Path) -> int:
     return json.loads((path / STATE_FILE).read_text())["global_step"]
 
 
+def _collator(config: SFTConfig, tokenizer: Any, processor: Any, accelerator: Any):
+    """The run's batch builder, with padding_free resolved for this machine when the config leaves it unset."""
+    from sftune.data.collate import make_collator, use_padding_free
+    from sftune.training import sharded
+
+    free = use_padding_free(config, processor, accelerator.device.type != "cpu", sharded.is_sharded(accelerator))
+    if free != bool(config.padding_free):
+        log.info("padding_free: %s (unset: %s on this machine)", free, "on" if free else "off")
+    return make_collator(config, tokenizer, processor, padding_free=free)
+
+
 def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None,
           formatting_func: Any = None) -> TrainResult:
     """`train_dataset` / `eval_dataset` (a datasets.Dataset or a list of dicts) replace the config's datasets;
@@ -115,7 +126,6 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from sftune.data.collate import make_collator
     from sftune.data.prepare import prepare_train_data
     from sftune.data.template import fit_model_to_tokenizer
     from sftune.export.hub import check_push_settings
@@ -157,7 +167,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     model = prepare_for_training(model, config)
 
     trainer = Trainer(model, tokenizer, data.train_rows, data.eval_rows, data.source_names, config, accelerator,
-                      output_dir, make_collator(config, tokenizer, processor), processor=processor)
+                      output_dir, _collator(config, tokenizer, processor, accelerator), processor=processor)
     if accelerator.is_main_process:  # only now, so that a run that failed to start leaves output_dir as it was
         claim_output_dir(config, resume_from)
     accelerator.wait_for_everyone()

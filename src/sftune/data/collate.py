@@ -129,17 +129,33 @@ def image_batch(rows: list[dict[str, Any]], pad_token_id: int, image_processor: 
 Collated = dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]
 
 
-def make_collator(config: SFTConfig, tokenizer: Any,
-                  processor: Any = None) -> Callable[[list[dict[str, Any]]], Collated]:
+def use_padding_free(config: SFTConfig, processor: Any, on_gpu: bool, sharded: bool) -> bool:
+    """padding_free as set, or, when unset, wherever it is the faster way to the same update: with FlashAttention
+    (one joined row, varlen kernel), and on CPU, where a padded position costs as much as a real one and keeps its
+    activations for backward. Not for images (never joined), nor for sdpa/eager on a GPU (rows one at a time
+    underfeed it) or under FSDP/DeepSpeed (every rank must run the same number of forwards)."""
+    if config.padding_free is not None:
+        return config.padding_free
+    if processor is not None or config.packing:
+        return False
+    if "flash" in (config.attn_implementation or ""):
+        return True
+    return not on_gpu and not sharded
+
+
+def make_collator(config: SFTConfig, tokenizer: Any, processor: Any = None,
+                  padding_free: bool | None = None) -> Callable[[list[dict[str, Any]]], Collated]:
     """The batch builder the loop uses for this run's rows (`processor`: a vision-language model's). It returns
-    one batch, or a list of batches that the loop runs one after another as parts of the same micro-batch."""
+    one batch, or a list of batches that the loop runs one after another as parts of the same micro-batch.
+    `padding_free`: the resolved setting (see use_padding_free); by default the config's, unset meaning off."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = pad if pad is not None else 0
     flash = "flash" in (config.attn_implementation or "")  # flash_attention_2/3, hub flash kernels
-    if config.padding_free and not flash and processor is None:
+    free = bool(config.padding_free) if padding_free is None else padding_free
+    if free and not flash and processor is None:
         return partial(row_batches, pad_token_id=pad)
-    if config.packing or config.padding_free:
-        return partial(position_batch, pad_token_id=pad, join=config.padding_free or flash)
+    if config.packing or free:
+        return partial(position_batch, pad_token_id=pad, join=free or flash)
     if processor is not None:
         return partial(image_batch, pad_token_id=pad, image_processor=processor.image_processor)
     return partial(pad_batch, pad_token_id=pad)
