@@ -10,7 +10,7 @@
 # 2,000 chit-chat conversations, max_length 1024, scenarios a (loss on all tokens), e (TRL: padding-free
 # packing; sftune: padding_free on flash, group_by_length on sdpa) and eg (TRL: group_by_length), 1 run each
 # (RUNS=2 for medians of alternating runs, ~12 min); then TRL's fastest (e) with use_liger_kernel, when
-# liger-kernel is installed (sftune has no use_liger_kernel yet; its chunked loss does that job).
+# liger-kernel is installed, for both tools (sftune: Liger's layer kernels; its own chunked loss stays).
 # Reports, per tool: trained tokens/s, MFU (model FLOPs 6N per trained token against --peak-tflops, 989 for
 # H100/H200 SXM bf16 dense) and peak GPU memory (torch.cuda.max_memory_allocated), with ratios sftune/TRL.
 #

@@ -77,6 +77,10 @@ class SFTConfig:
     trust_remote_code: bool = _opt(
         False, "Allow running Python code shipped inside the model repository. Only for models you trust.", "model"
     )
+    use_liger_kernel: bool = _opt(
+        False, "GPU only: Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (needs liger-kernel and CUDA); "
+        "the loss stays sftune's chunked one.", "model"
+    )
     allow_pickled_weights: bool = _opt(
         False,
         "Allow loading model or adapter weights stored with pickle (pytorch_model.bin, adapter_model.bin), which "

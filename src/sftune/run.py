@@ -130,6 +130,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     from sftune.data.template import fit_model_to_tokenizer
     from sftune.export.hub import check_push_settings
     from sftune.model.adapters import prepare_for_training
+    from sftune.model.liger import check_liger
     from sftune.model.load import check_model_files, load_model, load_processor, load_tokenizer
     from sftune.training.checkpoint import list_checkpoints, resolve_resume_path
     from sftune.training.loop import Trainer
@@ -155,6 +156,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
         log.info("learning_rate: %g, the default with use_peft (set learning_rate to change it)", config.learning_rate)
 
     check_model_files(config)  # a missing or pickled checkpoint fails before the data is prepared
+    check_liger(config)
     processor = load_processor(config)  # None for text-only models
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
     with accelerator.main_process_first():  # the main process prepares and caches; the others read the cache

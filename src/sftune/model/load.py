@@ -205,6 +205,10 @@ def load_model(config: SFTConfig, device: torch.device | str | None = None) -> A
         ) from None
     if config.gguf_file:
         model = plain_model_from_gguf(model)
+    if config.use_liger_kernel:
+        from sftune.model.liger import apply_liger_kernels
+
+        apply_liger_kernels(model)
     total = parameter_count(model.parameters())
     log.info(
         "model: %s (%s, %.1fM parameters, %s%s)", name, type(model).__name__, total / 1e6, model.dtype,
