@@ -19,6 +19,9 @@ TRAINED_ON, TRAINED_OFF = "\033[1;32m", "\033[0m"
 
 
 def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int = 3, out: TextIO = sys.stdout) -> None:
+    import torch
+
+    from sftune.data.collate import use_padding_free
     from sftune.data.prepare import prepare_documents, prepare_train_data
     from sftune.model.load import load_processor, load_tokenizer
     from sftune.run import setup_logging
@@ -28,7 +31,9 @@ def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int 
     processor = load_processor(config)  # None for text-only models
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
     data = prepare_train_data(config, tokenizer, processor=processor)
-    for line in describe(data.stats, data.train_rows, config):
+    # as a single-process `sftune train` on this machine would batch the rows
+    padding_free = use_padding_free(config, processor, on_gpu=torch.cuda.is_available(), sharded=False)
+    for line in describe(data.stats, data.train_rows, config, padding_free):
         print(line, file=out)
     if num_examples <= 0 and not jsonl:
         return
@@ -48,7 +53,7 @@ def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int 
         print(f"\nwrote {sum(len(d) for d in documents)} prepared examples (before packing) to {jsonl}", file=out)
 
 
-def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfig) -> list[str]:
+def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfig, padding_free: bool) -> list[str]:
     dropped = stats["rows_dropped"]
     lines = [
         f"rows: {stats['rows']} for training, {stats['eval_rows']} for evaluation; "
@@ -61,7 +66,7 @@ def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfi
         packing = stats["packing"]
         lines.append(f"packing: {packing['strategy']}, {stats['documents']} documents in {stats['rows']} rows of "
                      f"{packing['length']} tokens, {100 * packing['efficiency']:.1f}% full")
-    elif config.padding_free:
+    elif padding_free:
         lines.append("padding: none (padding_free)")
     else:
         lines.append(f"padding: {100 * padding_waste(rows, config):.1f}% of batch tokens are padding "

@@ -111,8 +111,8 @@ def _collator(config: SFTConfig, tokenizer: Any, processor: Any, accelerator: An
     from sftune.training import sharded
 
     free = use_padding_free(config, processor, accelerator.device.type != "cpu", sharded.is_sharded(accelerator))
-    if free != bool(config.padding_free):
-        log.info("padding_free: %s (unset: %s on this machine)", free, "on" if free else "off")
+    if config.padding_free is None:
+        log.info("padding_free: %s (unset, so chosen for this machine)", "on" if free else "off")
     return make_collator(config, tokenizer, processor, padding_free=free)
 
 
