@@ -89,6 +89,15 @@ def tiny_model_no_template_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def collator(config, tokenizer, processor=None, device_type: str = "cpu"):
+    """The run's micro-batch builder for `config` in one process on `device_type` (a list of batches per call)."""
+    from sftune.batching import plan_batching
+    from sftune.data.collate import make_collator
+
+    return make_collator(plan_batching(config, vision=processor is not None, device_type=device_type), tokenizer,
+                         processor)
+
+
 def conversations(n: int = 32, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []

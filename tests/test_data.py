@@ -159,9 +159,11 @@ def test_hub_dataset_path_fails_clearly_offline(tokenizer):
 
 
 def test_tokenizer_without_template_gets_chatml_and_its_end_token_as_eos(chat_jsonl):
-    tokenizer = build_tokenizer(chat_template=None)
-    tokenizer.eos_token = "<|endoftext|>"
-    data = prepare(chat_jsonl, tokenizer, assistant_only_loss=True)
+    given = build_tokenizer(chat_template=None)
+    given.eos_token = "<|endoftext|>"
+    data = prepare(chat_jsonl, given, assistant_only_loss=True)
+    tokenizer = data.tokenizer  # the run's tokenizer is a shaped copy; the one given is left as it was
+    assert given.chat_template is None and given.eos_token == "<|endoftext|>" and tokenizer is not given
     assert data.stats["default_template"] and "<|im_start|>" in tokenizer.chat_template
     assert tokenizer.eos_token == "<|im_end|>"
     row = data.train_rows[0]

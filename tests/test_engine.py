@@ -134,6 +134,7 @@ def build_trainer(model_dir, train_rows, eval_rows, output_dir, source_names=("t
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sftune.batching import plan_batching
     from sftune.data.collate import make_collator
     from sftune.run import claim_output_dir
     from sftune.training.loop import Trainer
@@ -141,16 +142,10 @@ def build_trainer(model_dir, train_rows, eval_rows, output_dir, source_names=("t
     config = config_for(model_dir, "unused", output_dir, **overrides)
     claim_output_dir(config, None)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    collate = make_collator(config, tokenizer)
-
-    def with_sources(rows):
-        batch = collate(rows)
-        sources = torch.tensor([row["source"] for row in rows])[:, None].expand_as(batch["targets"]).clone()
-        batch["source_ids"] = sources.masked_fill(batch["targets"] == -100, -1)
-        return batch
-
+    plan = plan_batching(config, vision=False, device_type="cpu")
     return Trainer(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, train_rows, eval_rows,
-                   list(source_names), config, Accelerator(cpu=True), Path(output_dir), with_sources), tokenizer
+                   list(source_names), config, Accelerator(cpu=True), Path(output_dir), plan,
+                   make_collator(plan, tokenizer)), tokenizer
 
 
 def prepared_rows(model_dir, data, source=0):
@@ -385,23 +380,36 @@ def test_a_missing_tracker_package_is_a_clear_error(tiny_model_dir, data_file, t
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, tmp_path):
-    """2 CPU processes over gloo x batch 2 against 1 process x batch 4: the same per-step losses."""
+    """2 CPU processes over gloo x padded batch 2 x accumulation 2 against 1 process x padded batch 8: the same
+    per-step losses, gradient norms and final weights (gradients summed over processes and micro-batches, then
+    normalised by the step's trained tokens)."""
+    from safetensors.torch import load_file
+
     data_file = write_jsonl(tmp_path / "fresh.jsonl", conversations(24, seed=21))  # not in the data cache yet
     common = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data_file), "--max_steps", "4",
-              "--logging_steps", "1", "--learning_rate", "1e-3", "--max_length", "128", "--save_strategy", "no"]
+              "--logging_steps", "1", "--learning_rate", "1e-3", "--max_length", "128", "--save_strategy", "no",
+              "--padding_free", "false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "sftune", "train", *common, "--output_dir", str(tmp_path / "ddp"),
-                          "--per_device_train_batch_size", "2", "--num_processes", "2"],
-                         capture_output=True, text=True, timeout=300, env=env)
+                          "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                          "--num_processes", "2"], capture_output=True, text=True, timeout=300, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "(2 x 1 accumulation x 2 processes)" in ddp.stderr  # really two processes, not two copies
+    # really two processes, not two copies
+    assert "batching: padded batches; 8 rows per step (2 x 2 accumulation x 2 processes)" in ddp.stderr
     # the data is prepared once: the main process prepares and caches, the other reads the cache
     assert ddp.stderr.count("data: prepared in") == 1 and ddp.stderr.count("data: using the prepared data") == 1
-    single = train(config_for(tiny_model_dir, data_file, tmp_path / "one", max_steps=4, per_device_train_batch_size=4))
+    single = train(config_for(tiny_model_dir, data_file, tmp_path / "one", max_steps=4, per_device_train_batch_size=8,
+                              padding_free=False))
+    assert single.plan.layout == "padded" and single.plan.rows_per_micro_step == 8
     lines = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4]  # written once, by the main process only
-    np.testing.assert_allclose([line["loss"] for line in lines], train_losses(single.history), rtol=0, atol=1e-5)
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([line[key] for line in lines], [e[key] for e in single.history], rtol=1e-5,
+                                   atol=1e-5, err_msg=key)
     assert [line["num_tokens"] for line in lines] == [e["num_tokens"] for e in single.history]
+    two, one = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
 
 
 def test_torch_compile_gives_the_same_losses(tiny_model_dir, data_file, tmp_path):

@@ -142,7 +142,7 @@ def test_card_is_written_without_matplotlib(full_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     summary = card.RunSummary(full_run_config(full_run), full_run.output_dir, full_run.data_stats, full_run.history,
-                              1.0, 2.0)
+                              1.0, 2.0, full_run.plan)
     summary.output_dir = tmp_path
     card.write_model_card(summary)
     text = (tmp_path / "README.md").read_text()
@@ -198,7 +198,7 @@ def test_real_qwen3_base_template_stops_at_im_end():
     from conftest import asset_folder
     from transformers import AutoTokenizer, GenerationConfig
 
-    from sftune.data.template import set_generation_stops
+    from sftune.tokenizer import set_generation_stops
 
     tokenizer = AutoTokenizer.from_pretrained(asset_folder("qwen3-tokenizer"), eos_token="<|endoftext|>")
     generation = GenerationConfig(eos_token_id=tokenizer.eos_token_id)

@@ -12,7 +12,7 @@ from conftest import build_tokenizer
 
 from sftune import SFTConfig
 from sftune.data.prepare import prepare_train_data
-from sftune.data.template import stop_token_ids
+from sftune.tokenizer import stop_token_ids
 from sftune.errors import DataError
 
 U1, A1, U2, A2 = "hello how are you", "fine thanks", "what is your name", "my name is model"
@@ -306,7 +306,7 @@ def test_rows_truncated_to_nothing_are_dropped_and_counted(tokenizer):
 
 
 def test_assistant_only_loss_needs_conversations(tokenizer):
-    with pytest.raises(DataError, match="assistant_only_loss is set, but dataset 'train_dataset' has text rows"):
+    with pytest.raises(DataError, match=r"assistant_only_loss is set \(loss_mask: assistant\), but dataset 'train_dataset' has text rows"):
         prepare(tokenizer, [{"text": "hello"}], assistant_only_loss=True)
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import build_model, build_tokenizer
+from conftest import build_model, build_tokenizer, collator
 
 from sftune import SFTConfig
-from sftune.data.collate import make_collator, pad_batch, position_batch
+from sftune.data.collate import pad_batch, position_batch
 from sftune.data.order import epoch_order
 from sftune.data.pack import plan_packing
 from sftune.data.rows import Documents, RowStore
@@ -166,7 +166,7 @@ def test_flash_attention_gets_one_joined_row_with_restarting_positions():
 
     config = SFTConfig(packing=True, attn_implementation="flash_attention_2")
     rows = packed_rows(documents(64))
-    batch = make_collator(config, build_tokenizer())(rows)
+    batch, = collator(config, build_tokenizer())(rows)
     assert batch["input_ids"].shape == (1, sum(DOC_LENGTHS)) and "attention_mask" not in batch
     assert _is_packed_sequence(batch["position_ids"], batch_size=1)
     (cu_seqlens, _), (max_length, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
@@ -190,19 +190,23 @@ def test_source_ids_align_with_targets():
 def test_collator_choice():
     tokenizer = build_tokenizer()
     docs = documents(64)
-    padded = make_collator(SFTConfig(), tokenizer)(docs)
+    padded, = collator(SFTConfig(padding_free=False), tokenizer)(docs)
     assert "attention_mask" in padded and padded["input_ids"].shape == (4, max(DOC_LENGTHS))
+    # unset padding_free: padded batches for sdpa on a GPU, one row per micro-batch on CPU (the plan decides)
+    gpu_padded, = collator(SFTConfig(), tokenizer, device_type="cuda")(docs)
+    assert "attention_mask" in gpu_padded
+    assert len(collator(SFTConfig(), tokenizer)(docs)) == len(docs)
     flash = SFTConfig(padding_free=True, attn_implementation="flash_attention_2")
-    free = make_collator(flash, tokenizer)(docs)
+    free, = collator(flash, tokenizer)(docs)
     assert "attention_mask" not in free and free["input_ids"].shape == (1, sum(DOC_LENGTHS))
     assert free["position_ids"][0].tolist() == [p for n in DOC_LENGTHS for p in range(n)]
     # on sdpa/eager a joined row would cost attention over its whole length: each row is a batch of its own
     for attention in (None, "sdpa", "eager"):
-        rows = make_collator(SFTConfig(padding_free=True, attn_implementation=attention), tokenizer)(docs)
+        rows = collator(SFTConfig(padding_free=True, attn_implementation=attention), tokenizer)(docs)
         assert [b["input_ids"].shape for b in rows] == [(1, n) for n in DOC_LENGTHS]
         assert all("attention_mask" not in b and b["position_ids"][0].tolist() == list(range(b["input_ids"].shape[1]))
                    for b in rows)
-    packed = make_collator(SFTConfig(packing=True), tokenizer)(packed_rows(docs))
+    packed, = collator(SFTConfig(packing=True), tokenizer)(packed_rows(docs))
     assert packed["input_ids"].shape == (2, 16) and (packed["position_ids"][:, 0] == 0).all()
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import IMAGE_TOKEN, random_images, write_jsonl
+from conftest import IMAGE_TOKEN, collator, random_images, write_jsonl
 from sftune import SFTConfig, train
+from sftune.batching import plan_batching
 from sftune.cli import main
-from sftune.data.collate import make_collator
 from sftune.data.images import check_processor_inputs, load_image
 from sftune.data.prepare import prepare_train_data
 from sftune.data.render import IGNORE_INDEX
@@ -79,7 +79,7 @@ def test_image_tokens_and_padding_never_carry_loss(tiny_llava_dir, image_dir):
         assert (row["labels"][~images] == row["input_ids"][~images]).all()  # every other token is trained
 
     # the collator pads (no target, no attention) and makes the pixels of the batch's images, in order
-    batch = make_collator(config_for(tiny_llava_dir, data_file), processor.tokenizer, processor)(rows)
+    batch, = collator(config_for(tiny_llava_dir, data_file), processor.tokenizer, processor)(rows)
     assert batch["pixel_values"].shape[0] == 4
     expected = processor.image_processor([load_image(p) for r in rows for p in r["images"]], return_tensors="pt")
     torch.testing.assert_close(batch["pixel_values"], expected["pixel_values"])
@@ -160,9 +160,12 @@ def test_missing_image_and_packing_are_clear_errors(tiny_llava_dir, image_dir, t
     assert len(err) == 1 and "img/missing.png" in err[0] and "row 2" in err[0]
 
     good_file = write_jsonl(image_dir / "rows.jsonl", image_rows())
-    for key in ("packing", "padding_free"):
+    for key in ("packing", "padding_free"):  # refused by the batching plan, before the model loads
         with pytest.raises(ConfigError, match=f"'{key}' is true, but '.*' is a vision-language model"):
-            prepared(config_for(tiny_llava_dir, good_file, **{key: True}))
+            plan_batching(config_for(tiny_llava_dir, good_file, **{key: True}), vision=True, device_type="cpu")
+        assert main(argv[:4] + [str(good_file), "--output_dir", str(tmp_path / key), f"--{key}", "true"]) == 2
+        assert "is a vision-language model" in capsys.readouterr().err
+        assert not (tmp_path / key).exists() or not any((tmp_path / key).iterdir())
 
 
 def test_training_lowers_the_loss_and_the_saved_model_reloads(tiny_llava_dir, image_dir, tmp_path):
@@ -182,7 +185,7 @@ def test_training_lowers_the_loss_and_the_saved_model_reloads(tiny_llava_dir, im
     assert processor.chat_template == result.processor.chat_template
     reloaded = AutoModelForImageTextToText.from_pretrained(out)
     data, _ = prepared(config, None)  # from the cache
-    batch = make_collator(config, processor.tokenizer, processor)(data.train_rows)
+    batch, = collator(config, processor.tokenizer, processor)(data.train_rows)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     result.model.eval()
     with torch.no_grad():
@@ -206,7 +209,7 @@ def test_pil_images_through_the_python_api(tiny_llava_dir, tmp_path):
     again, _ = prepared(config, dataset)
     assert again.stats.get("cached")
     assert [r["images"] for r in sorted(again.train_rows, key=lambda r: r["index"])] == [r["images"] for r in rows]
-    batch = make_collator(config, processor.tokenizer, processor)(rows)
+    batch, = collator(config, processor.tokenizer, processor)(rows)
     expected = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch["pixel_values"], expected)
 

@@ -2,8 +2,7 @@
 
 from sftune.config import SFTConfig, load_config
 from sftune.errors import ConfigError, DataError, UserError
-
-__version__ = "0.1.0"
+from sftune.paths import VERSION as __version__
 
 
 def train(config: SFTConfig, train_dataset=None, eval_dataset=None, formatting_func=None):

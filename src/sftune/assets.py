@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftune.errors import UserError
+from sftune.paths import cache_dir
 
 log = logging.getLogger("sftune")
 
@@ -56,10 +57,6 @@ ASSETS = {
         "OpenAI HumanEval: 164 prompt -> completion pairs (MIT)",
     ),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SFTUNE_CACHE", "~/.cache/sftune")).expanduser()
 
 
 def sha256_of(path: Path) -> str:

@@ -178,14 +178,23 @@ class SFTConfig:
     eos_token: str | None = _opt(
         None, "Token that ends a sequence and stops generation (unset: the tokenizer's EOS).", "data"
     )
+    loss_mask: Literal["completion", "all", "assistant", "last_assistant"] | None = _opt(
+        None,
+        "Which tokens carry loss: completion (prompt/completion rows train the completion, other rows every "
+        "token), all, assistant (the assistant turns of conversations), last_assistant (the last assistant turn). "
+        "Unset: from TRL's flags below (completion when none is set); the run's saved config holds the result.",
+        "data",
+    )
     completion_only_loss: bool | None = _opt(
-        None, "Train only on the completion of prompt/completion rows (unset: on for prompt/completion data).", "data"
+        None, "TRL's flag: false trains every token (loss_mask: all); unset or true, prompt/completion rows train "
+        "only the completion.", "data"
     )
     assistant_only_loss: bool = _opt(
-        False, "Train only on assistant turns (content and end-of-turn token) of conversations.", "data"
+        False, "TRL's flag: train only on assistant turns (content and end-of-turn token) of conversations "
+        "(loss_mask: assistant).", "data"
     )
     last_assistant_only_loss: bool = _opt(
-        False, "Train only on the last assistant turn of each conversation.", "data"
+        False, "Train only on the last assistant turn of each conversation (loss_mask: last_assistant).", "data"
     )
     truncation_mode: Literal["keep_start", "keep_end"] = _opt(
         "keep_start", "Which end of a row longer than max_length is kept.", "data"
@@ -319,7 +328,25 @@ class SFTConfig:
         self.learning_rate_is_default = self.learning_rate is None
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_PEFT_LEARNING_RATE if self.use_peft else DEFAULT_LEARNING_RATE
+        self.loss_mask = self._resolved_loss_mask()
         self._check_ranges()
+
+    def _resolved_loss_mask(self) -> str:
+        """loss_mask as set, or from TRL's three flags: the one setting every reader of "which tokens are trained"
+        uses. Flags that contradict a set loss_mask are an error, so a saved config always agrees with itself."""
+        if self.assistant_only_loss and self.last_assistant_only_loss:
+            raise ConfigError("config keys 'assistant_only_loss' and 'last_assistant_only_loss' are both true: "
+                              "keep one of them (or set loss_mask: assistant | last_assistant)")
+        from_flags = ("last_assistant" if self.last_assistant_only_loss else "assistant" if self.assistant_only_loss
+                      else "all" if self.completion_only_loss is False
+                      else "completion" if self.completion_only_loss else None)
+        if self.loss_mask is None:
+            return from_flags or "completion"
+        if from_flags is not None and from_flags != self.loss_mask:
+            flags = {"last_assistant": "last_assistant_only_loss: true", "assistant": "assistant_only_loss: true",
+                     "all": "completion_only_loss: false", "completion": "completion_only_loss: true"}[from_flags]
+            raise ConfigError(f"config key 'loss_mask' = {self.loss_mask!r} contradicts {flags}: keep one of them")
+        return self.loss_mask
 
     def _check_ranges(self) -> None:
         def need(ok: bool, key: str, rule: str) -> None:

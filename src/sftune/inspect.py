@@ -4,13 +4,13 @@ trained tokens highlighted (colour on a terminal, [[brackets]] when piped)."""
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
+from sftune.batching import BatchingPlan, plan_batching
 from sftune.config import SFTConfig
 from sftune.data.order import epoch_order
 from sftune.data.render import CHECKS, IGNORE_INDEX
@@ -21,19 +21,20 @@ TRAINED_ON, TRAINED_OFF = "\033[1;32m", "\033[0m"
 def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int = 3, out: TextIO = sys.stdout) -> None:
     import torch
 
-    from sftune.data.collate import use_padding_free
     from sftune.data.prepare import prepare_documents, prepare_train_data
-    from sftune.model.load import load_processor, load_tokenizer
+    from sftune.model.load import IMAGE_TEXT_TO_TEXT, load_processor, load_tokenizer, model_class_of
     from sftune.run import setup_logging
 
     config.check_ready_to_train()
     setup_logging()
+    # as a single-process `sftune train` on this machine would batch the rows
+    plan = plan_batching(config, vision=model_class_of(config) == IMAGE_TEXT_TO_TEXT,
+                         device_type="cuda" if torch.cuda.is_available() else "cpu")
     processor = load_processor(config)  # None for text-only models
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
     data = prepare_train_data(config, tokenizer, processor=processor)
-    # as a single-process `sftune train` on this machine would batch the rows
-    padding_free = use_padding_free(config, processor, on_gpu=torch.cuda.is_available(), sharded=False)
-    for line in describe(data.stats, data.train_rows, config, padding_free):
+    tokenizer = data.tokenizer  # as training shapes it (template, EOS)
+    for line in describe(data.stats, data.train_rows, config, plan):
         print(line, file=out)
     if num_examples <= 0 and not jsonl:
         return
@@ -53,7 +54,7 @@ def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int 
         print(f"\nwrote {sum(len(d) for d in documents)} prepared examples (before packing) to {jsonl}", file=out)
 
 
-def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfig, padding_free: bool) -> list[str]:
+def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfig, plan: BatchingPlan) -> list[str]:
     dropped = stats["rows_dropped"]
     lines = [
         f"rows: {stats['rows']} for training, {stats['eval_rows']} for evaluation; "
@@ -66,14 +67,12 @@ def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfi
         packing = stats["packing"]
         lines.append(f"packing: {packing['strategy']}, {stats['documents']} documents in {stats['rows']} rows of "
                      f"{packing['length']} tokens, {100 * packing['efficiency']:.1f}% full")
-    elif padding_free:
-        lines.append("padding: none (padding_free)")
+    elif plan.layout == "padded":
+        lines.append(f"padding: {100 * padding_waste(rows, config, plan):.1f}% of batch tokens are padding "
+                     f"(batches of {plan.micro_batch_rows}, first epoch's order)")
     else:
-        lines.append(f"padding: {100 * padding_waste(rows, config):.1f}% of batch tokens are padding "
-                     f"(batches of {config.per_device_train_batch_size}, first epoch's order)")
-    step_rows = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    lines.append(f"steps per epoch: {math.ceil(stats['rows'] / step_rows)} ({config.per_device_train_batch_size} rows x "
-                 f"{config.gradient_accumulation_steps} accumulation, one process)")
+        lines.append(f"padding: none ({plan.describe_layout()})")
+    lines.append(f"steps per epoch: {plan.steps_per_epoch(stats['rows'])} ({plan.describe_step()})")
     if stats["rows_checked"]:
         failed = {name: c for name, c in stats["template_checks"].items() if c["rows"]}
         lines.append(f"template checks: {stats['rows_checked']} rows, {stats['turns_checked']} assistant turns: "
@@ -91,13 +90,13 @@ def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfi
     return lines
 
 
-def padding_waste(rows: list[dict[str, Any]], config: SFTConfig) -> float:
+def padding_waste(rows: list[dict[str, Any]], config: SFTConfig, plan: BatchingPlan) -> float:
     """The share of padded batch positions that are padding, over one epoch in the loop's order."""
     if not rows:
         return 0.0
     order = epoch_order(rows, config, 0)
     lengths = np.fromiter((len(rows[i]["input_ids"]) for i in order), dtype=np.int64, count=len(order))
-    size = config.per_device_train_batch_size
+    size = plan.micro_batch_rows
     padded = sum(int(lengths[i:i + size].max()) * len(lengths[i:i + size]) for i in range(0, len(lengths), size))
     return 1.0 - lengths.sum() / padded
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from sftune.batching import BatchingPlan, plan_batching
 from sftune.config import CONFIG_FILENAME, SFTConfig
 from sftune.errors import UserError
 
@@ -26,6 +27,7 @@ class TrainResult:
     global_step: int
     data_stats: dict[str, Any]
     train_seconds: float
+    plan: BatchingPlan  # how the rows were batched
     model: Any = field(repr=False, default=None)  # a peft model when training adapters
     tokenizer: Any = field(repr=False, default=None)
     processor: Any = field(repr=False, default=None)  # vision-language models only
@@ -105,15 +107,17 @@ def _checkpoint_step(path: Path) -> int:
     return json.loads((path / STATE_FILE).read_text())["global_step"]
 
 
-def _collator(config: SFTConfig, tokenizer: Any, processor: Any, accelerator: Any):
-    """The run's batch builder, with padding_free resolved for this machine when the config leaves it unset."""
-    from sftune.data.collate import make_collator, use_padding_free
-    from sftune.training import sharded
+def make_accelerator() -> Any:
+    """The accelerate engine this process trains with: one process, DDP, FSDP or DeepSpeed, as `accelerate launch`
+    (or its environment) set it up; on a machine without GPUs, CPU processes over gloo."""
+    from accelerate import Accelerator
 
-    free = use_padding_free(config, processor, accelerator.device.type != "cpu", sharded.is_sharded(accelerator))
-    if config.padding_free is None:
-        log.info("padding_free: %s (unset, so chosen for this machine)", "on" if free else "off")
-    return make_collator(config, tokenizer, processor, padding_free=free)
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def log_plan(plan: BatchingPlan) -> None:
+    chosen = " (padding_free unset, so chosen for this machine)" if plan.padding_free_chosen else ""
+    log.info("batching: %s; %s%s", plan.describe_layout(), plan.describe_step(), chosen)
 
 
 def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None,
@@ -123,17 +127,20 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     run_started = time.perf_counter()
     config.check_ready_to_train(dataset_given=train_dataset is not None)
 
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from sftune.data.prepare import prepare_train_data
-    from sftune.data.template import fit_model_to_tokenizer
     from sftune.export.hub import check_push_settings
     from sftune.model.adapters import prepare_for_training
     from sftune.model.liger import check_liger
-    from sftune.model.load import check_model_files, load_model, load_processor, load_tokenizer
+    from sftune.data.collate import make_collator
+    from sftune.model.load import (
+        IMAGE_TEXT_TO_TEXT, check_model_files, load_model, load_processor, load_tokenizer, model_class_of,
+    )
+    from sftune.training import sharded
     from sftune.training.checkpoint import list_checkpoints, resolve_resume_path
     from sftune.training.loop import Trainer
+    from sftune.tokenizer import attach_to_processor, fit_model_to_tokenizer
     from sftune.training.report import requested_trackers
 
     setup_logging()
@@ -141,7 +148,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     repo_id = check_push_settings(config) if config.push_to_hub else None  # and a missing Hub token
     if config.full_determinism:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator()
     output_dir = Path(config.output_dir).expanduser()
     resume_from = resolve_resume_path(output_dir, config.resume_from_checkpoint)
     if config.resume_from_checkpoint is True and resume_from is None:
@@ -157,10 +164,16 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
 
     check_model_files(config)  # a missing or pickled checkpoint fails before the data is prepared
     check_liger(config)
+    plan = plan_batching(config, vision=model_class_of(config) == IMAGE_TEXT_TO_TEXT,
+                         device_type=accelerator.device.type, engine=sharded.engine_of(accelerator),
+                         num_processes=accelerator.num_processes)  # impossible combinations fail here
     processor = load_processor(config)  # None for text-only models
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
     with accelerator.main_process_first():  # the main process prepares and caches; the others read the cache
         data = prepare_train_data(config, tokenizer, train_dataset, eval_dataset, formatting_func, processor)
+    tokenizer = data.tokenizer  # shaped for this run (template, EOS): the one saved with the model
+    if processor is not None:
+        attach_to_processor(processor, tokenizer)
     if config.eval_strategy != "no" and not data.eval_rows:
         raise UserError(f"eval_strategy: {config.eval_strategy}, but there is no eval data: set dataset_test_split "
                         "or eval_ratio (or pass eval_dataset), or set eval_strategy: no")
@@ -169,17 +182,14 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     model = prepare_for_training(model, config)
 
     trainer = Trainer(model, tokenizer, data.train_rows, data.eval_rows, data.source_names, config, accelerator,
-                      output_dir, _collator(config, tokenizer, processor, accelerator), processor=processor)
+                      output_dir, plan, make_collator(plan, tokenizer, processor), processor=processor)
     if accelerator.is_main_process:  # only now, so that a run that failed to start leaves output_dir as it was
         claim_output_dir(config, resume_from)
     accelerator.wait_for_everyone()
     if resume_from is not None:
         trainer.resume(resume_from)
-    log.info(
-        "training: %d steps (%d per epoch), %d rows per step (%d x %d accumulation x %d processes)",
-        trainer.total_steps, trainer.steps_per_epoch, trainer.rows_per_step,
-        config.per_device_train_batch_size, config.gradient_accumulation_steps, accelerator.num_processes,
-    )
+    log_plan(plan)
+    log.info("training: %d steps (%d per epoch)", trainer.total_steps, trainer.steps_per_epoch)
     started = time.perf_counter()
     history = trainer.fit()
     seconds = time.perf_counter() - started
@@ -187,21 +197,21 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     trainer.save_final_model()
     what = "adapter" if config.use_peft else "model"
     log.info("saved the %s to %s (%.0f s of training)", what, output_dir, seconds)
-    result = TrainResult(output_dir, history, trainer.step, data.stats, seconds, trainer.model, tokenizer, processor)
+    result = TrainResult(output_dir, history, trainer.step, data.stats, seconds, plan, trainer.model, tokenizer,
+                         processor)
     if accelerator.is_main_process:
-        describe_and_publish(result, config, repo_id, accelerator.num_processes, time.perf_counter() - run_started)
+        describe_and_publish(result, config, repo_id, time.perf_counter() - run_started)
     return result
 
 
-def describe_and_publish(result: TrainResult, config: SFTConfig, repo_id: str | None, num_processes: int,
-                         run_seconds: float) -> None:
+def describe_and_publish(result: TrainResult, config: SFTConfig, repo_id: str | None, run_seconds: float) -> None:
     """After the final save: the model card and loss plot, then the push to the Hub when asked for. A failed push
     raises HubPushError (the CLI exits with code 2); the saved run stays as it is."""
     from sftune.export.card import RunSummary, write_model_card
     from sftune.export.hub import push_run
 
     summary = RunSummary(config, result.output_dir, result.data_stats, result.history, result.train_seconds,
-                         run_seconds, num_processes, repo_id, vision=result.processor is not None)
+                         run_seconds, result.plan, repo_id, vision=result.processor is not None)
     try:
         write_model_card(summary)
     except OSError as err:

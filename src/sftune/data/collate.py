@@ -1,17 +1,16 @@
 """Canonical rows -> model-ready tensors, with the labels shifted to the targets each position predicts.
 
-Two layouts:
+The batching plan (batching.py) names the layout; this module builds it:
 - padded: rows right-padded to the longest, with an attention_mask (padding gets no attention and no target).
-- by positions (packed rows, or padding_free): no attention_mask; position_ids restart at 0 at each document.
-  transformers then builds a block-diagonal causal mask from position_ids on sdpa and eager attention (only when
-  attention_mask is None and no cache is used, which CausalLMWithLoss ensures), and FlashAttention runs its
-  varlen kernel with cu_seqlens taken from them. FlashAttention reads position_ids that way only for a batch of
-  one row, so for it the batch's rows are joined into one row; on sdpa/eager packed rows stay rows, since
-  attention there costs the square of a row's length.
-- padding_free: on FlashAttention, the batch joined into one row (above). On sdpa/eager, a joined row would cost
-  attention over its whole length, so instead each row becomes a micro-batch of its own, run one after another:
-  no padding and no attention across rows. The loop normalises by the trained tokens of the whole optimizer
-  step, so the update is the padded batch's, up to float rounding.
+- packed / joined: no attention_mask; position_ids restart at 0 at each document. transformers then builds a
+  block-diagonal causal mask from position_ids on sdpa and eager attention (only when attention_mask is None and
+  no cache is used, which CausalLMWithLoss ensures), and FlashAttention runs its varlen kernel with cu_seqlens
+  taken from them. FlashAttention reads position_ids that way only for a batch of one row, so for it the batch's
+  rows are joined into one row (joined); on sdpa/eager packed rows stay rows (packed), since attention there
+  costs the square of a row's length.
+- rows (padding_free on sdpa/eager): a joined row would cost attention over its whole length, so instead each
+  row becomes a micro-batch of its own, run one after another: no padding and no attention across rows. The loop
+  normalises by the trained tokens of the whole optimizer step, so the update is the padded batch's.
 
 Every batch also carries `source_ids`, aligned with `targets`: the source dataset of the document each target
 belongs to, -1 where there is no target. It is for per-source loss reports.
@@ -24,15 +23,17 @@ pixel masks). Pixels are made here, per batch, so the prepared data holds only r
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
-from sftune.config import SFTConfig
 from sftune.data.images import load_image
 from sftune.data.render import IGNORE_INDEX
+from sftune.batching import BatchingPlan
+
+Rows = list[dict[str, Any]]
+Batch = dict[str, torch.Tensor]
 
 
 def next_token_targets(labels: np.ndarray, seq_lengths: np.ndarray | None = None) -> np.ndarray:
@@ -111,11 +112,6 @@ def _positions(lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(np.sum(lengths)), dtype=np.int64) - starts
 
 
-def row_batches(rows: list[dict[str, Any]], pad_token_id: int) -> list[dict[str, torch.Tensor]]:
-    """One batch per row, nothing padded: the loop runs them as consecutive micro-batches."""
-    return [position_batch([row], pad_token_id, join=True) for row in rows]
-
-
 def image_batch(rows: list[dict[str, Any]], pad_token_id: int, image_processor: Any) -> dict[str, torch.Tensor]:
     """A padded batch, with the image processor's tensors for the rows' images (one list per row that has any)."""
     batch = pad_batch(rows, pad_token_id)
@@ -126,36 +122,17 @@ def image_batch(rows: list[dict[str, Any]], pad_token_id: int, image_processor: 
     return batch
 
 
-Collated = dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]
-
-
-def use_padding_free(config: SFTConfig, processor: Any, on_gpu: bool, sharded: bool) -> bool:
-    """padding_free as set, or, when unset, wherever it is the faster way to the same update: with FlashAttention
-    (one joined row, varlen kernel), and on CPU, where a padded position costs as much as a real one and keeps its
-    activations for backward. Not for images (never joined), nor for sdpa/eager on a GPU (rows one at a time
-    underfeed it) or under FSDP/DeepSpeed (every rank must run the same number of forwards)."""
-    if config.padding_free is not None:
-        return config.padding_free
-    if processor is not None or config.packing:
-        return False
-    if "flash" in (config.attn_implementation or ""):
-        return True
-    return not on_gpu and not sharded
-
-
-def make_collator(config: SFTConfig, tokenizer: Any, processor: Any = None,
-                  padding_free: bool | None = None) -> Callable[[list[dict[str, Any]]], Collated]:
-    """The batch builder the loop uses for this run's rows (`processor`: a vision-language model's). It returns
-    one batch, or a list of batches that the loop runs one after another as parts of the same micro-batch.
-    `padding_free`: the resolved setting (see use_padding_free); by default the config's, unset meaning off."""
+def make_collator(plan: BatchingPlan, tokenizer: Any, processor: Any = None) -> Callable[[Rows], list[Batch]]:
+    """The micro-batch builder for `plan` (`processor`: a vision-language model's). It always returns a list: the
+    micro-batches the loop runs one after another for these rows (one, except in the `rows` layout)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = pad if pad is not None else 0
-    flash = "flash" in (config.attn_implementation or "")  # flash_attention_2/3, hub flash kernels
-    free = bool(config.padding_free) if padding_free is None else padding_free
-    if free and not flash and processor is None:
-        return partial(row_batches, pad_token_id=pad)
-    if config.packing or free:
-        return partial(position_batch, pad_token_id=pad, join=free or flash)
+    if plan.layout == "rows":
+        return lambda rows: [position_batch([row], pad, join=True) for row in rows]
+    if plan.layout in ("packed", "joined"):
+        join = plan.layout == "joined"
+        return lambda rows: [position_batch(rows, pad, join=join)]
     if processor is not None:
-        return partial(image_batch, pad_token_id=pad, image_processor=processor.image_processor)
-    return partial(pad_batch, pad_token_id=pad)
+        image_processor = processor.image_processor
+        return lambda rows: [image_batch(rows, pad, image_processor)]
+    return lambda rows: [pad_batch(rows, pad)]

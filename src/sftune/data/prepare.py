@@ -27,7 +27,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sftune import __version__
 from sftune.config import SFTConfig
 from sftune.data.formats import apply_formatting_func, detect_format, is_conversation, normalise, rename_columns
 from sftune.data.images import check_processor_inputs, processor_fingerprint
@@ -38,8 +37,9 @@ from sftune.data.sources import (
     DatasetSpec, OpenedSplit, SourceRows, dataset_specs, draw_rows, hold_out, mixture_counts, open_split,
     source_names,
 )
-from sftune.data.template import configure_tokenizer, stop_token_ids, use_default_template
-from sftune.errors import ConfigError, DataError
+from sftune.errors import DataError
+from sftune.paths import VERSION, cache_dir
+from sftune.tokenizer import shaped_tokenizer, stop_token_ids, with_default_template
 
 log = logging.getLogger("sftune")
 
@@ -48,8 +48,8 @@ PARALLEL_MIN_ROWS = 2000  # below this, starting worker processes costs more tha
 EXAMPLES_PER_CHECK = 3
 SETTINGS = (  # every config field that changes the prepared rows
     "dataset_name", "dataset_config", "dataset_train_split", "dataset_text_field", "datasets", "dataset_test_split",
-    "eval_ratio", "dataset_format", "dataset_columns", "max_length", "truncation_mode", "completion_only_loss",
-    "assistant_only_loss", "last_assistant_only_loss", "packing", "packing_strategy", "seed",
+    "eval_ratio", "dataset_format", "dataset_columns", "max_length", "truncation_mode", "loss_mask", "packing",
+    "packing_strategy", "seed",
 )
 
 
@@ -59,6 +59,9 @@ class PreparedData:
     eval_rows: list[dict[str, Any]]  # empty without an eval split or eval_ratio
     stats: dict[str, Any] = field(default_factory=dict)
     source_names: list[str] = field(default_factory=list)  # index = the rows' `source`
+    # The tokenizer the rows were made with: the one given, shaped for this run (see sftune/tokenizer.py). Save
+    # this one with the model. It is a copy wherever the shaping changed something; the given one is untouched.
+    tokenizer: Any = None
 
 
 def trained_token_count(labels: np.ndarray) -> int:
@@ -67,8 +70,6 @@ def trained_token_count(labels: np.ndarray) -> int:
 
 
 def data_cache_dir() -> Path:
-    from sftune.assets import cache_dir
-
     override = os.environ.get("SFTUNE_DATA_CACHE")
     return Path(override).expanduser() if override else cache_dir() / "data"
 
@@ -80,9 +81,9 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
                        formatting_func: Callable[[dict], Any] | None = None, processor: Any = None) -> PreparedData:
     """Prepared train and eval rows for `config`, from the cache when the same inputs were prepared before.
 
-    `tokenizer` is changed in place where the settings say so (chat_template_path, eos_token, the ChatML default
-    for a tokenizer without a template): it is the tokenizer saved with the model. `processor`, a vision-language
-    model's, turns each image into its tokens (its chat template is the one used, and kept in step).
+    `tokenizer` is shaped for the run (chat_template_path, eos_token, the processor's template, the ChatML default
+    for conversations on a tokenizer without a template) on a copy, returned as `PreparedData.tokenizer`; the one
+    given is not changed. `processor`, a vision-language model's, turns each image into its tokens.
     """
     started = time.perf_counter()
     inputs = _open_inputs(config, tokenizer, train_dataset, eval_dataset, formatting_func, processor)
@@ -90,9 +91,9 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
     if folder is not None and (folder / "stats.json").is_file():
         data = _load(folder)
         if data is not None:
+            data.tokenizer = inputs.tokenizer
             if data.stats.get("default_template"):
-                use_default_template(tokenizer, keep_eos=bool(config.eos_token))
-            _sync_processor_template(processor, tokenizer)
+                data.tokenizer, _ = with_default_template(inputs.tokenizer, keep_eos=bool(config.eos_token))
             log.info("data: using the prepared data cached in %s (%d train rows, %d eval rows)",
                      folder, len(data.train_rows), len(data.eval_rows))
             return data
@@ -100,12 +101,11 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
         shutil.rmtree(folder, ignore_errors=True)
 
     sources = _read_sources(inputs, config)
-    documents, stats = _tokenize_sources(sources, inputs, config, tokenizer)
+    documents, stats = _tokenize_sources(sources, inputs, config)
     train, evaluation = _assemble(documents, [s.weight for s in sources], config, stats)
     stats["seconds"] = round(time.perf_counter() - started, 3)
     names = source_names(inputs.specs) + (["eval_dataset"] if inputs.eval_dataset is not None else [])
-    data = PreparedData(train.rows(), evaluation.rows(), stats, names)
-    _sync_processor_template(processor, tokenizer)
+    data = PreparedData(train.rows(), evaluation.rows(), stats, names, inputs.tokenizer)
     _log_stats(stats)
     if folder is not None:
         try:
@@ -134,7 +134,7 @@ def prepare_documents(config: SFTConfig, tokenizer: Any, limit: int | None = Non
     if limit is not None:
         for source in sources:
             source.train, source.train_index, source.eval = source.train[:limit], source.train_index[:limit], []
-    documents, _ = _tokenize_sources(sources, inputs, config, tokenizer, require_rows=False)
+    documents, _ = _tokenize_sources(sources, inputs, config, require_rows=False)
     return [d["train"] for d in documents], [s.rows for s in sources]
 
 
@@ -150,16 +150,13 @@ class _Inputs:
     formatting_func: Callable[[dict], Any] | None
     stop_ids: set[int]
     fingerprint: str | None  # None: not cacheable (a formatting_func that cannot be hashed)
+    tokenizer: Any  # shaped for the run (see sftune/tokenizer.py); the ChatML default may still be added
     processor: Any = None
 
 
 def _open_inputs(config: SFTConfig, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
                  formatting_func: Callable | None, processor: Any = None) -> _Inputs:
-    if processor is not None:
-        refuse_packing(config)
-    if processor is not None and getattr(processor, "chat_template", None) and not config.chat_template_path:
-        tokenizer.chat_template = processor.chat_template  # the template that renders images
-    changes = configure_tokenizer(tokenizer, config)
+    tokenizer, changes = shaped_tokenizer(tokenizer, config, processor)
     specs = dataset_specs(config, train_dataset)
     for spec in specs:
         if spec.test_split and spec.path and Path(spec.path).expanduser().is_file():
@@ -170,7 +167,7 @@ def _open_inputs(config: SFTConfig, tokenizer: Any, train_dataset: Any, eval_dat
     evaluation = open_split(DatasetSpec("eval_dataset", data=eval_dataset), "") if eval_dataset is not None else None
     stop_ids = stop_token_ids(tokenizer, config.model_name_or_path)
     parts = {
-        "layout": CACHE_LAYOUT, "sftune": __version__, "changes": changes,
+        "layout": CACHE_LAYOUT, "sftune": VERSION, "changes": changes,
         "settings": {name: getattr(config, name) for name in SETTINGS},
         "tokenizer": tokenizer_fingerprint(tokenizer), "stop_ids": sorted(stop_ids),
         "data": [s.fingerprint for s in train], "test": [s.fingerprint if s else None for s in test],
@@ -182,22 +179,7 @@ def _open_inputs(config: SFTConfig, tokenizer: Any, train_dataset: Any, eval_dat
     if formatting_func is None or function_hash is not None:
         parts["formatting_func"] = function_hash
         fingerprint = hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
-    return _Inputs(specs, train, test, evaluation, formatting_func, stop_ids, fingerprint, processor)
-
-
-def refuse_packing(config: SFTConfig) -> None:
-    """Rows of a vision-language model are never joined: a packed row would have to carry each document's images
-    to the model in step with its image tokens, and the model would have to keep them apart; not done yet."""
-    for key in ("packing", "padding_free"):
-        if getattr(config, key):
-            raise ConfigError(f"config key '{key}' is true, but '{config.model_name_or_path}' is a vision-language "
-                              f"model, whose rows (and their images) sftune does not join yet: set {key}: false")
-
-
-def _sync_processor_template(processor: Any, tokenizer: Any) -> None:
-    """The processor saved with the model carries the template used in training (chat_template_path, ChatML)."""
-    if processor is not None and tokenizer.chat_template:
-        processor.chat_template = tokenizer.chat_template
+    return _Inputs(specs, train, test, evaluation, formatting_func, stop_ids, fingerprint, tokenizer, processor)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -275,27 +257,27 @@ def _normalised(rows: SourceRows, spec: DatasetSpec, config: SFTConfig, formatti
     rename_columns(rows, spec.columns)
     fmt = detect_format(rows, config.dataset_text_field, spec.format)
     examples = normalise(rows, fmt, config.dataset_text_field)
-    if (config.assistant_only_loss or config.last_assistant_only_loss) and not is_conversation(examples[0]):
-        flag = "assistant_only_loss" if config.assistant_only_loss else "last_assistant_only_loss"
-        raise DataError(f"{flag} is set, but dataset '{spec.label}' has {fmt} rows, not conversations: "
-                        "unset it, or use completion_only_loss for prompt/completion rows")
+    if config.loss_mask in ("assistant", "last_assistant") and not is_conversation(examples[0]):
+        flag = "assistant_only_loss" if config.loss_mask == "assistant" else "last_assistant_only_loss"
+        raise DataError(f"{flag} is set (loss_mask: {config.loss_mask}), but dataset '{spec.label}' has {fmt} "
+                        "rows, not conversations: unset it, or use completion_only_loss for prompt/completion rows")
     return fmt, examples
 
 
 # ---------------------------------------------------------------- stage 3: tokenize, truncate, check
 
 
-def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig, tokenizer: Any,
+def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig,
                       require_rows: bool = True) -> tuple[list[dict[str, Documents]], dict[str, Any]]:
     stats: dict[str, Any] = {"format": sources[0].format, "default_template": False}
     if any(s.train and is_conversation(s.train[0]) or s.eval and is_conversation(s.eval[0]) for s in sources):
-        if not getattr(tokenizer, "chat_template", None):
-            added = use_default_template(tokenizer, keep_eos=bool(config.eos_token))
+        if not getattr(inputs.tokenizer, "chat_template", None):
+            inputs.tokenizer, added = with_default_template(inputs.tokenizer, keep_eos=bool(config.eos_token))
             stats["default_template"] = True
             log.info("data: the tokenizer has no chat template, so sftune uses ChatML (<|im_start|>role ... "
                      "<|im_end|>) and <|im_end|> ends each turn%s", f"; added tokens {', '.join(added)}" if added else "")
-            inputs.stop_ids = stop_token_ids(tokenizer, config.model_name_or_path)
-    worker = ExampleTokenizer(tokenizer, config, inputs.stop_ids, inputs.processor)
+            inputs.stop_ids = stop_token_ids(inputs.tokenizer, config.model_name_or_path)
+    worker = ExampleTokenizer(inputs.tokenizer, config, inputs.stop_ids, inputs.processor)
     jobs = [(s, split, i) for s, source in enumerate(sources) for split in ("train", "eval")
             for i in range(len(getattr(source, split)))]
     results = _run_tokenizer(worker, [getattr(sources[s], split)[i] for s, split, i in jobs],

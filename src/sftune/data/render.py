@@ -24,7 +24,8 @@ import numpy as np
 
 from sftune.config import SFTConfig
 from sftune.data.images import load_image
-from sftune.data.template import TemplateShape, analyse_template, content_text, render, special_prefix_ids
+from sftune.data.template import TemplateShape, analyse_template, content_text, render
+from sftune.tokenizer import special_prefix_ids
 from sftune.errors import UserError
 
 IGNORE_INDEX = -100
@@ -87,9 +88,7 @@ class ExampleTokenizer:
         self.prefix_ids = special_prefix_ids(tokenizer)
         self.eos_id = tokenizer.eos_token_id
         self.stop_ids = stop_ids
-        self.assistant_only = config.assistant_only_loss
-        self.last_assistant_only = config.last_assistant_only_loss
-        self.completion_only = config.completion_only_loss
+        self.loss_mask = config.loss_mask
         # rows longer than max_length are cut here (packing with bfd_split / wrapped splits them instead)
         splits = config.packing and config.packing_strategy != "bfd"
         self.max_length = None if splits else config.max_length
@@ -154,7 +153,7 @@ class ExampleTokenizer:
         """Prompt and completion are tokenized apart, so the prompt's tokens are exactly what inference feeds."""
         encoded = self._encode_ids([e["prompt"] for e in examples] + [e["completion"] for e in examples])
         prompts, completions = encoded[: len(examples)], encoded[len(examples):]
-        train_prompt = self.completion_only is False
+        train_prompt = self.loss_mask == "all"
         results = []
         for prompt, completion in zip(prompts, completions):
             prompt = self._with_prefix(prompt)
@@ -180,11 +179,11 @@ class ExampleTokenizer:
         """Indices of the assistant messages that carry loss, or None when every token does."""
         messages, completion_start = example["messages"], example["completion_start"]
         assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if self.last_assistant_only:
+        if self.loss_mask == "last_assistant":
             return assistants[-1:]
-        if self.assistant_only:
+        if self.loss_mask == "assistant":
             return assistants
-        if completion_start is not None and self.completion_only is not False:
+        if completion_start is not None and self.loss_mask == "completion":
             return [i for i in assistants if i >= completion_start]
         return None
 

@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sftune.batching import BatchingPlan
 from sftune.config import SFTConfig
 from sftune.export.save import staged_into
 
@@ -47,7 +48,7 @@ class RunSummary:
     history: list[dict[str, Any]]  # used when metrics.jsonl is missing
     train_seconds: float
     run_seconds: float
-    num_processes: int = 1
+    plan: BatchingPlan  # how the rows were batched (rows per step, processes)
     repo_id: str | None = None  # where the run is pushed, if it is
     vision: bool = False  # a vision-language model, saved with its processor
     metrics: list[dict[str, Any]] = field(default_factory=list)  # filled from metrics.jsonl by write_model_card
@@ -131,9 +132,9 @@ def _finite(value: Any) -> bool:
 
 def card_text(summary: RunSummary, plotted: bool) -> str:
     config, stats = summary.config, summary.data_stats
-    adapter = _adapter_settings(summary.output_dir)
+    adapter = _adapter_settings(summary.output_dir) if config.use_peft else None
     base = hub_model_id(config.model_name_or_path)
-    metadata_yaml = card_metadata(config, base, adapter is not None, summary.vision)
+    metadata_yaml = card_metadata(config, base, config.use_peft, summary.vision)
     title = summary.repo_id.split("/")[-1] if summary.repo_id else summary.output_dir.resolve().name
     parts = [f"---\n{metadata_yaml}---\n", f"# {title}\n", _introduction(config, base, adapter, stats)]
     if plotted:
@@ -142,9 +143,9 @@ def card_text(summary: RunSummary, plotted: bool) -> str:
         parts.append("(No loss plot: matplotlib could not draw it, see the run's log; the values are in "
                      f"`{METRICS_FILENAME}`.)\n")
     parts += [
-        _quick_start(summary, adapter is not None, base),
+        _quick_start(summary, config.use_peft, base),
         _data_section(config, stats),
-        _settings_section(config, summary.num_processes, adapter),
+        _settings_section(config, summary.plan),
         _results_section(summary.metrics),
         _compute_section(summary),
         _versions_section(),
@@ -208,9 +209,10 @@ def base_model_license(config: SFTConfig, base: str | None) -> dict[str, str]:
     return {key: str(found[key]) for key in ("license", "license_name", "license_link") if found.get(key)}
 
 
-def _adapter_settings(output_dir: Path) -> dict[str, Any] | None:
+def _adapter_settings(output_dir: Path) -> dict[str, Any]:
+    """The saved adapter's settings (rank, alpha, targets), as peft wrote them."""
     path = output_dir / "adapter_config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _model_label(config: SFTConfig, base: str | None) -> str:
@@ -347,16 +349,20 @@ def _source_label(name: str | None) -> str:
 
 
 def _loss_scope(config: SFTConfig, stats: dict[str, Any]) -> str:
-    if config.last_assistant_only_loss:
+    """What config.loss_mask trained, told for the formats of every source in the mixture."""
+    formats = sorted({source.get("format", "text") for source in stats.get("sources") or []}) \
+        or [stats.get("format", "text")]
+    if config.loss_mask == "last_assistant":
         return "the last assistant turn of each conversation"
-    if config.assistant_only_loss:
+    if config.loss_mask == "assistant":
         return "assistant turns"
-    if config.completion_only_loss is not False and stats.get("format") == "prompt_completion":
-        return "completions"
-    return f"every token ({stats.get('format', 'text')} rows)"
+    if config.loss_mask == "completion" and "prompt_completion" in formats:
+        others = [f for f in formats if f != "prompt_completion"]
+        return "completions" + (f" (every token of the {', '.join(others)} rows)" if others else "")
+    return f"every token ({', '.join(formats)} rows)"
 
 
-def _settings_section(config: SFTConfig, num_processes: int, adapter: dict[str, Any] | None) -> str:
+def _settings_section(config: SFTConfig, plan: BatchingPlan) -> str:
     defaults = SFTConfig(use_peft=config.use_peft)  # the learning rate's default depends on use_peft
     groups = {f.name: f.metadata.get("group") for f in dataclasses.fields(SFTConfig)}
     changed = [
@@ -364,13 +370,11 @@ def _settings_section(config: SFTConfig, num_processes: int, adapter: dict[str, 
         if value != getattr(defaults, name) and name not in NOT_HYPERPARAMETERS
         and groups[name] not in NOT_HYPERPARAMETER_GROUPS
     ]
-    rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * num_processes
     lines = [
         "## Training settings\n",
-        f"{rows_per_step:,} rows per optimizer step ({config.per_device_train_batch_size} per device x "
-        f"{config.gradient_accumulation_steps} accumulation x {num_processes} process"
-        f"{'es' if num_processes != 1 else ''}), learning rate {config.learning_rate:g} ({config.lr_scheduler_type} "
-        f"schedule). Settings that differ from sftune's defaults:\n",
+        f"{plan.describe_step().replace(' per step', ' per optimizer step')}, {plan.describe_layout()}, learning "
+        f"rate {config.learning_rate:g} ({config.lr_scheduler_type} schedule). Settings that differ from sftune's "
+        "defaults:\n",
     ]
     if changed:
         lines += ["| setting | value |", "|---|---|"]
@@ -425,7 +429,7 @@ def _number(value: Any) -> str:
 
 
 def _compute_section(summary: RunSummary) -> str:
-    processes = summary.num_processes
+    processes = summary.plan.num_processes
     return (
         "## Compute\n\n"
         f"- Time: {_duration(summary.train_seconds)} in the training loop, {_duration(summary.run_seconds)} "

@@ -250,7 +250,7 @@ def use_saved_generation_config(model: Any, folder: Path, tokenizer: Any) -> Non
     sure it stops at the template's end-of-turn token, also for folders that sftune did not write."""
     from transformers import GenerationConfig
 
-    from sftune.data.template import set_generation_stops
+    from sftune.tokenizer import set_generation_stops
 
     if (folder / GENERATION_CONFIG).is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)

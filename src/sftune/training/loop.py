@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sftune.batching import BatchingPlan
 from sftune.config import CONFIG_FILENAME, SFTConfig
 from sftune.data.order import epoch_order
 from sftune.data.render import IGNORE_INDEX
@@ -42,15 +43,15 @@ Batch = dict[str, torch.Tensor]
 class Trainer:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, train_rows: Rows, eval_rows: Rows,
                  source_names: list[str], config: SFTConfig, accelerator: Any, output_dir: Path,
-                 collate: Callable[[Rows], Batch], processor: Any = None):
+                 plan: BatchingPlan, collate: Callable[[Rows], list[Batch]], processor: Any = None):
         self.config, self.accelerator, self.output_dir = config, accelerator, output_dir
-        self.tokenizer, self.collate = tokenizer, collate
+        self.plan, self.tokenizer, self.collate = plan, tokenizer, collate
         self.saved_with_model = processor or tokenizer  # a vision-language model's processor holds its tokenizer
         self.train_rows, self.eval_rows, self.source_names = train_rows, eval_rows, source_names
         self.world_size = accelerator.num_processes
-        self.micro_batch_rows = config.per_device_train_batch_size * self.world_size  # one micro-batch, all ranks
-        self.rows_per_step = self.micro_batch_rows * config.gradient_accumulation_steps
-        self.steps_per_epoch = math.ceil(len(train_rows) / self.rows_per_step)
+        if plan.num_processes != self.world_size:
+            raise ValueError(f"the batching plan is for {plan.num_processes} processes, the run has {self.world_size}")
+        self.steps_per_epoch = plan.steps_per_epoch(len(train_rows))
         if config.max_steps > 0:
             self.total_steps = config.max_steps
         else:
@@ -64,7 +65,7 @@ class Trainer:
             backbone.compile()  # in place, so parameter names and saved files stay as they are
         optimizer = build_optimizer(loss_model, config)
         self.scheduler = build_scheduler(optimizer, config, self.total_steps)
-        sharded.configure_deepspeed(accelerator, config)
+        sharded.configure_deepspeed(accelerator, plan, config.max_grad_norm)
         self.loss_model, self.optimizer = accelerator.prepare(loss_model, optimizer)
 
         self.step = 0
@@ -159,26 +160,17 @@ class Trainer:
 
     def _micro_batches(self, order: np.ndarray, step_in_epoch: int) -> list[Batch]:
         """This process's share of each micro-batch of one optimizer step, collated."""
-        step_rows = order[step_in_epoch * self.rows_per_step:(step_in_epoch + 1) * self.rows_per_step]
-        rank, size = self.accelerator.process_index, self.config.per_device_train_batch_size
+        per_step, per_micro_step = self.plan.rows_per_step, self.plan.rows_per_micro_step
+        step_rows = order[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]
+        rank, size = self.accelerator.process_index, self.plan.micro_batch_rows
         batches = []
-        for start in range(0, len(step_rows), self.micro_batch_rows):
-            global_rows = step_rows[start:start + self.micro_batch_rows]
+        for start in range(0, len(step_rows), per_micro_step):
+            global_rows = step_rows[start:start + per_micro_step]
             mine = [self.train_rows[i] for i in global_rows[rank * size:(rank + 1) * size]]
             if not mine:  # the epoch's last micro-batch can leave a process without rows; it still joins in
                 mine = [_without_targets(self.train_rows[global_rows[0]])]
-            batches.extend(self._collated(mine))
+            batches.extend(self.collate(mine))
         return batches
-
-    def _collated(self, rows: Rows) -> list[Batch]:
-        """The collator gives one batch, or (padding_free on sdpa/eager) one per row, run one after another."""
-        collated = self.collate(rows)
-        if not isinstance(collated, list):
-            return [collated]
-        if sharded.is_sharded(self.accelerator):  # every rank must run the same number of forwards
-            raise UserError("padding_free with FSDP or DeepSpeed needs attn_implementation flash_attention_2 "
-                            "(or use packing instead)")
-        return collated
 
     # ------------------------------------------------------------------ logging, evaluation, checkpoints
 
@@ -219,7 +211,7 @@ class Trainer:
             for i in range(math.ceil(len(self.eval_rows) / (size * self.world_size))):
                 start = (i * self.world_size + accelerator.process_index) * size
                 rows = self.eval_rows[start:start + size] or [_without_targets(self.eval_rows[0])]
-                for batch in self._collated(rows):
+                for batch in self.collate(rows):
                     sources = batch.pop("source_ids", None)
                     out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
                     totals.add(out["token_stats"], _trained(sources, batch["targets"]))
@@ -249,7 +241,7 @@ class Trainer:
         path = self.output_dir / f"{checkpoint.PREFIX}{self.step}"
         if accelerator.is_main_process:
             state = {"global_step": self.step, "num_tokens": self.num_tokens, "total_steps": self.total_steps,
-                     "rows_per_step": self.rows_per_step, "world_size": self.world_size,
+                     "rows_per_step": self.plan.rows_per_step, "world_size": self.world_size,
                      "skipped_steps": self.skipped_steps}
             path = checkpoint.publish_checkpoint(
                 stage, self.step, lambda folder: save_model(self.model, self.saved_with_model, folder, state_dict),
@@ -275,9 +267,9 @@ class Trainer:
         trainer = state["trainer"]
         self.step, self.num_tokens = trainer["global_step"], trainer["num_tokens"]
         self.skipped_steps = trainer.get("skipped_steps", 0)
-        if trainer.get("rows_per_step") != self.rows_per_step:
+        if trainer.get("rows_per_step") != self.plan.rows_per_step:
             log.warning("resuming with %d rows per step where the run had %s: the data order will differ from "
-                        "an uninterrupted run", self.rows_per_step, trainer.get("rows_per_step"))
+                        "an uninterrupted run", self.plan.rows_per_step, trainer.get("rows_per_step"))
         log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
 
     def save_final_model(self) -> None:

@@ -9,7 +9,6 @@ and entropy come from the same chunks, so nothing else ever builds logits for me
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 

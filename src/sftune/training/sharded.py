@@ -12,31 +12,37 @@ from typing import Any
 
 import torch
 
-from sftune.config import SFTConfig
+from sftune.batching import BatchingPlan, Engine
 
 ACCELERATE_STATE = "accelerate_state"
 
 
-def _kind(accelerator: Any) -> str:
-    return str(accelerator.distributed_type).rsplit(".", 1)[-1]
+def engine_of(accelerator: Any) -> Engine:
+    """Which engine carries this run: one process, DDP, FSDP or DeepSpeed."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind == "FSDP":
+        return "fsdp"
+    if kind == "DEEPSPEED":
+        return "deepspeed"
+    return "ddp" if accelerator.num_processes > 1 else "single"
 
 
 def is_sharded(accelerator: Any) -> bool:
-    return _kind(accelerator) in ("FSDP", "DEEPSPEED")
+    return engine_of(accelerator) in ("fsdp", "deepspeed")
 
 
 def is_deepspeed(accelerator: Any) -> bool:
-    return _kind(accelerator) == "DEEPSPEED"
+    return engine_of(accelerator) == "deepspeed"
 
 
-def configure_deepspeed(accelerator: Any, config: SFTConfig) -> None:
+def configure_deepspeed(accelerator: Any, plan: BatchingPlan, max_grad_norm: float) -> None:
     """sftune accumulates and normalises micro-batches itself; DeepSpeed clips and steps at our boundaries."""
     if not is_deepspeed(accelerator):
         return
     settings = accelerator.state.deepspeed_plugin.deepspeed_config
-    settings["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
+    settings["train_micro_batch_size_per_gpu"] = plan.micro_batch_rows
     settings["gradient_accumulation_steps"] = 1
-    settings["gradient_clipping"] = config.max_grad_norm
+    settings["gradient_clipping"] = max_grad_norm
 
 
 def backward(accelerator: Any, loss: torch.Tensor, last_micro_batch: bool) -> None:
