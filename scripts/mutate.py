@@ -134,7 +134,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
-    parser.add_argument("--keep", action="store_true", help="keep each mutated copy of src/ (its path is printed)")
+    parser.add_argument("--keep", action="store_true", help="keep each mutated copy of src/ (in the temp folder)")
     args = parser.parse_args()
     known = {m.name: m for m in MUTANTS}
     if args.list:

@@ -23,33 +23,57 @@ from sftune.errors import UserError
 APPENDED_LOGS = {"metrics.jsonl", "samples.jsonl"}
 
 
+def _stamp(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class Landings(dict):
+    """Every file that arrived by os.replace / os.rename (Path.replace, Path.rename and shutil.move use them), alone
+    or inside a renamed folder, with its inode, size and modification time at that moment."""
+
+    def record(self, destination: Path) -> None:
+        destination = destination.resolve()
+        files = [destination] if destination.is_file() else [p for p in destination.rglob("*") if p.is_file()]
+        for path in files:
+            self[path] = _stamp(path)
+
+
 @pytest.fixture
-def renames(monkeypatch) -> list[Path]:
-    """Destinations of every os.replace / os.rename (Path.replace, Path.rename and shutil.move use them)."""
-    seen: list[Path] = []
+def renames(monkeypatch) -> Landings:
+    seen = Landings()
     real_replace, real_rename = os.replace, os.rename
 
     def replace(src, dst, *args, **kwargs):
         real_replace(src, dst, *args, **kwargs)
-        seen.append(Path(dst).resolve())
+        seen.record(Path(dst))
 
     def rename(src, dst, *args, **kwargs):
         real_rename(src, dst, *args, **kwargs)
-        seen.append(Path(dst).resolve())
+        seen.record(Path(dst))
 
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os, "rename", rename)
     return seen
 
 
-def written_in_place(folder: Path, renamed: list[Path]) -> list[str]:
-    """Files under `folder` that did not arrive by a rename (nor inside a renamed folder)."""
-    landed = set(renamed)
-    return [
+def written_in_place(folder: Path, landed: Landings) -> list[str]:
+    """Files under `folder` that did not arrive by a rename, or were changed in place after they arrived."""
+    return sorted(
         p.relative_to(folder).as_posix() for p in folder.rglob("*")
-        if p.is_file() and p.name not in APPENDED_LOGS
-        and not ({p.resolve(), *p.resolve().parents} & landed)
-    ]
+        if p.is_file() and p.name not in APPENDED_LOGS and landed.get(p.resolve()) != _stamp(p)
+    )
+
+
+def test_a_file_changed_after_its_rename_is_seen(tmp_path, renames):
+    """The check itself can fail: a file renamed into place, then appended to, counts as written in place."""
+    (tmp_path / "a.tmp").write_text("complete")
+    os.replace(tmp_path / "a.tmp", tmp_path / "a.txt")
+    assert written_in_place(tmp_path, renames) == []
+    with (tmp_path / "a.txt").open("a") as handle:
+        handle.write(" and then some more")
+    (tmp_path / "b.txt").write_text("never renamed")
+    assert written_in_place(tmp_path, renames) == ["a.txt", "b.txt"]
 
 
 @pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])

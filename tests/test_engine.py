@@ -419,8 +419,15 @@ def test_torch_compile_gives_the_same_losses(tiny_model_dir, data_file, tmp_path
     assert (tmp_path / "compiled" / "model.safetensors").is_file()
 
 
-def test_full_determinism_repeats_bitwise(dropout_model_dir, data_file, tmp_path):
+@pytest.fixture
+def deterministic_mode_restored():
+    """full_determinism switches torch's global deterministic mode on: off again after the test, pass or fail."""
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_full_determinism_repeats_bitwise(dropout_model_dir, data_file, tmp_path, deterministic_mode_restored):
     first = train(config_for(dropout_model_dir, data_file, tmp_path / "a", max_steps=2, full_determinism=True))
+    assert torch.are_deterministic_algorithms_enabled()
     second = train(config_for(dropout_model_dir, data_file, tmp_path / "b", max_steps=2, full_determinism=True))
     assert train_losses(first.history) == train_losses(second.history)
-    torch.use_deterministic_algorithms(False)

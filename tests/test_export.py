@@ -155,7 +155,7 @@ def full_run_config(result) -> SFTConfig:
     return load_config(result.output_dir / CONFIG_FILENAME)
 
 
-def test_card_metadata_names_hub_models_and_datasets():
+def test_card_metadata_names_hub_models_and_datasets(tmp_path):
     from sftune.export.card import card_metadata, hub_model_id
 
     config = SFTConfig(model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -163,8 +163,10 @@ def test_card_metadata_names_hub_models_and_datasets():
     meta = yaml.safe_load(card_metadata(config, hub_model_id(config.model_name_or_path), True, False))
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["datasets"] == ["trl-lib/Capybara"]
     assert meta["library_name"] == "peft" and "license" not in meta  # offline: unknown, never guessed
-    cached = "/home/u/.cache/huggingface/hub/models--Qwen--Qwen3-0.6B/snapshots/abc"
-    assert hub_model_id(cached) == "Qwen/Qwen3-0.6B" or not Path(cached).exists()
+    cached = tmp_path / "hub" / "models--Qwen--Qwen3-0.6B" / "snapshots" / "abc"  # huggingface_hub's cache layout
+    cached.mkdir(parents=True)
+    assert hub_model_id(str(cached)) == "Qwen/Qwen3-0.6B"
+    assert hub_model_id(str(tmp_path)) is None  # a local folder has no Hub page
 
 
 # ---------------------------------------------------------------- generation config and hand-off

@@ -50,7 +50,9 @@ def test_weights_are_written_as_safetensors_only(finished_run):
 
 def test_our_state_files_load_without_pickle_and_hold_no_weights(finished_run, tiny_model_dir):
     weight_shapes = {tuple(t.shape) for t in load_file(tiny_model_dir / "model.safetensors").values() if t.dim() == 2}
-    for path in finished_run.glob("checkpoint-*/*.pt"):
+    state_files = sorted(finished_run.glob("checkpoint-*/*.pt"))
+    assert sorted(p.name for p in state_files) == sorted(list(STATE_FILES) * 2)  # both checkpoints, every file
+    for path in state_files:
         state = torch.load(path, weights_only=True)  # refuses anything but tensors and plain containers
         if path.name != "optimizer.pt":  # the optimizer's moments have the shapes of the weights, not their values
             tensors = [v for v in _leaves(state) if isinstance(v, torch.Tensor)]
