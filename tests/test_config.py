@@ -190,3 +190,31 @@ def test_saved_yaml_is_plain_data(tmp_path):
     SFTConfig(model_name_or_path="m", dataset_name="d").save(tmp_path / "c.yaml")
     data = yaml.safe_load((tmp_path / "c.yaml").read_text())
     assert data["model_name_or_path"] == "m" and data["max_length"] == 1024
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ({}, "completion"),
+    ({"completion_only_loss": True}, "completion"),
+    ({"completion_only_loss": False}, "all"),
+    ({"assistant_only_loss": True}, "assistant"),
+    ({"assistant_only_loss": True, "completion_only_loss": False}, "assistant"),
+    ({"last_assistant_only_loss": True}, "last_assistant"),
+    ({"loss_mask": "all"}, "all"),
+    ({"loss_mask": "assistant", "assistant_only_loss": True}, "assistant"),
+])
+def test_loss_mask_is_resolved_once_from_trls_flags(flags, expected, tmp_path):
+    config = SFTConfig(**flags)
+    assert config.loss_mask == expected
+    config.save(tmp_path / "saved.yaml")  # the saved config holds the result, and agrees with itself on reload
+    assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["loss_mask"] == expected
+    assert load_config(tmp_path / "saved.yaml").loss_mask == expected
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"assistant_only_loss": True, "last_assistant_only_loss": True}, "are both true: keep one of them"),
+    ({"loss_mask": "all", "assistant_only_loss": True}, "'loss_mask' = 'all' contradicts assistant_only_loss: true"),
+    ({"loss_mask": "completion", "completion_only_loss": False}, "contradicts completion_only_loss: false"),
+])
+def test_contradicting_loss_settings_are_refused(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        SFTConfig(**flags)

@@ -498,3 +498,13 @@ def test_hub_settings_are_checked_and_tokens_are_refused_in_the_config(tmp_path)
     assert "token" not in " ".join(f for f in SFTConfig().to_dict() if "hub" in f)
     SFTConfig(push_to_hub=True, hub_model_id="me/x", model_init_kwargs={"token": HF_SECRET}).save(tmp_path / "c.yaml")
     assert HF_SECRET not in (tmp_path / "c.yaml").read_text()
+
+
+def test_the_card_tells_what_was_trained_in_every_source_of_a_mixture():
+    from sftune.export.card import _loss_scope
+
+    mixture = {"format": "messages", "sources": [{"format": "messages"}, {"format": "prompt_completion"}]}
+    assert _loss_scope(SFTConfig(), mixture) == "completions (every token of the messages rows)"
+    assert _loss_scope(SFTConfig(completion_only_loss=False), mixture) == \
+        "every token (messages, prompt_completion rows)"
+    assert _loss_scope(SFTConfig(loss_mask="assistant"), mixture) == "assistant turns"
