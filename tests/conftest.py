@@ -81,6 +81,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def dropout_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with attention dropout: every training step also depends on the random generators, so an
+    exact resume must restore them."""
+    folder = tmp_path_factory.mktemp("tiny-dropout")
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(folder)
+    build_model(len(tokenizer), attention_dropout=0.2, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_model_no_template_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama-plain")
     tokenizer = build_tokenizer(chat_template=None)

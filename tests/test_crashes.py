@@ -22,23 +22,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import build_model, build_tokenizer, conversations, write_jsonl
+from conftest import conversations, write_jsonl
 
 from sftune import SFTConfig, train
 from sftune.cli import main
 from sftune.training.checkpoint import list_checkpoints
 
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def dropout_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-dropout")
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(folder)
-    build_model(len(tokenizer), attention_dropout=0.2, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
-    return folder
 
 
 def flags(model_dir, data, out, steps: int = STEPS, save_steps: int = 1) -> list[str]:

@@ -16,23 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_model, build_tokenizer, conversations, write_jsonl
+from conftest import build_model, conversations, write_jsonl
 
 from sftune import SFTConfig, train
 from sftune.cli import main
 from sftune.errors import TrainingError
 from sftune.training.checkpoint import list_checkpoints
-
-
-@pytest.fixture(scope="module")
-def dropout_model_dir(tmp_path_factory) -> Path:
-    """A tiny model with dropout, so that exact resume also depends on restoring the random generators."""
-    folder = tmp_path_factory.mktemp("tiny-dropout")
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(folder)
-    build_model(len(tokenizer), attention_dropout=0.2, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +147,6 @@ def prepared_rows(model_dir, data, source=0):
 
 
 def test_evaluation_metrics_per_source_and_samples(tiny_model_dir, data_file, tmp_path):
-    from transformers import AutoModelForCausalLM
 
     rows_a = prepared_rows(tiny_model_dir, data_file, source=0)
     rows_b = prepared_rows(tiny_model_dir, write_jsonl(tmp_path / "b.jsonl", conversations(10, seed=9)), source=1)
