@@ -118,8 +118,27 @@ def sftune_prepare(dataset, num_proc: int | None, packing: bool = True, check_da
     return prepare_train_data(config, load_tokenizer(), train_dataset=dataset, check_data=check_data)
 
 
-def doctor_cost(dataset, repeats: int, num_proc: int | None) -> None:
-    """sftune's preparation with and without the data doctor, alternating; medians of wall and CPU time."""
+def doctor_work(rows: list[dict]) -> tuple[float, float]:
+    """CPU seconds of the doctor's own work on the rows preparation keeps (those with an assistant turn), in this
+    one process: the fingerprints (done in the tokenizer's workers during preparation) and the comparison."""
+    import numpy as np
+
+    from sftune.data import doctor
+
+    examples = [{"messages": r["messages"], "completion_start": None, "tools": None, "chat_template_kwargs": None}
+                for r in rows if any(m["role"] == "assistant" for m in r["messages"])]
+    started = time.process_time()
+    prints = doctor.fingerprints(examples)
+    fingerprinted = time.process_time()
+    n = len(prints)
+    doctor.examine(prints, np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64),
+                   np.zeros(n, dtype=bool), str, ["chitchat"], None)
+    return fingerprinted - started, time.process_time() - fingerprinted
+
+
+def doctor_cost(dataset, rows: list[dict], repeats: int, num_proc: int | None) -> None:
+    """sftune's preparation with and without the data doctor, alternating; medians of wall and CPU time; then
+    the doctor's own work timed alone (steadier than a difference of two noisy times on a busy machine)."""
     times: dict[bool, list[float]] = {True: [], False: []}
     cpu: dict[bool, list[float]] = {True: [], False: []}
     report = None
@@ -137,6 +156,10 @@ def doctor_cost(dataset, repeats: int, num_proc: int | None) -> None:
     print(f"median of {repeats}: {wall[True]:.1f} s with the doctor, {wall[False]:.1f} s without: "
           f"+{100 * (wall[True] / wall[False] - 1):.1f}% wall time (CPU time {work[True]:.1f} s against "
           f"{work[False]:.1f} s: +{100 * (work[True] / work[False] - 1):.1f}%)")
+    own = [doctor_work(rows) for _ in range(repeats)]
+    prints, compare = statistics.median(o[0] for o in own), statistics.median(o[1] for o in own)
+    print(f"the doctor's own work, alone in one process: {prints:.2f} s CPU to fingerprint the rows, {compare:.2f} s "
+          f"to compare them: {100 * (prints + compare) / work[False]:.1f}% of the preparation's CPU time")
     print("found: " + ", ".join(f"{key} {report[key]:,}" for key in
                                 ("exact_duplicates", "near_duplicates", "train_eval_overlap", "empty_replies",
                                  "repetitive_replies")) + f" in {report['rows_checked']['train']:,} rows")
@@ -180,7 +203,7 @@ def main() -> None:
     dataset = datasets.Dataset.from_list(rows)
     if args.doctor_cost:
         print(f"rows: {len(rows)}; max_length {MAX_LENGTH}, bfd packing, assistant-only masks; cores: {os.cpu_count()}")
-        return doctor_cost(dataset, args.repeats, args.num_proc)
+        return doctor_cost(dataset, rows, args.repeats, args.num_proc)
     workdir = Path(tempfile.mkdtemp(prefix="sftune-bench-"))
     trl = TRLSide(rows, workdir, args.num_proc)
     print(f"rows: sftune {len(rows)}, TRL {len(trl.dataset)} (those with an assistant turn); "

@@ -237,6 +237,19 @@ def test_loops_in_a_user_message_are_not_reply_problems():
     assert prints[1].repetition.startswith("the text repeats 'ha'")
 
 
+def test_pretokenized_and_prompt_completion_rows(tmp_path):
+    tokenized = write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [5, 6, 7, 8]},
+                                                      {"input_ids": [5, 6, 7, 9]}])
+    report = prepare_train_data(SFTConfig(model_name_or_path="tiny", dataset_name=str(tokenized)),
+                                build_tokenizer()).stats["doctor"]
+    assert report["exact_duplicates"] == 1 and report["near_duplicates"] == 0
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "say hi", "completion": "hi there"},
+                                                   {"prompt": "Say hi!", "completion": "Hi, there."}])
+    report = prepare_train_data(SFTConfig(model_name_or_path="tiny", dataset_name=str(pairs)),
+                                build_tokenizer()).stats["doctor"]
+    assert report["near_duplicates"] == report["near_same_text"] == 1 and report["exact_duplicates"] == 0
+
+
 def test_the_real_chitchat_conversations(tmp_path):
     """Real data, with copies whose duplication is known: whitespace-changed copies are exact duplicates,
     lower-cased copies without punctuation near duplicates of the same text, one-word edits of long conversations

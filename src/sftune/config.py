@@ -213,7 +213,7 @@ class SFTConfig:
     dedupe: Literal["exact", "near"] | None = _opt(
         None,
         "Remove duplicate rows the data doctor finds (`sftune inspect` reports them either way): 'exact' (same "
-        "text once whitespace is collapsed) or 'near' (also same up to case and punctuation, or MinHash "
+        "text once whitespace is ignored) or 'near' (also same up to case and punctuation, or MinHash "
         "similarity >= 0.8); the first of each group stays, eval rows that repeat a training row go. Unset: "
         "nothing is removed.",
         "data",

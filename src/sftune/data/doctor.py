@@ -1,11 +1,11 @@
 """The data doctor: what quietly ruins a fine-tune, found on the preparation pass and reported with example rows.
 
 Checks over the training rows (eval rows are compared with them):
-- exact duplicates: the same row (roles, contents, tool calls, tools, images) once runs of whitespace are collapsed;
+- exact duplicates: the same row (roles, contents, tool calls, tools, images) once whitespace is ignored;
 - near duplicates: the same text up to case, whitespace and punctuation, or close paraphrases: an estimated
   Jaccard similarity of word 3-grams of at least NEAR_SIMILARITY (MinHash);
 - train/eval overlap: eval rows that are exact or near duplicates of a training row;
-- empty replies: assistant replies (and completions) that are empty or whitespace only;
+- empty replies: assistant replies that are empty or whitespace only (formats.py refuses empty completions);
 - repetitive replies: a reply (or a text row) stuck in a loop, a run of at most MAX_PERIOD words repeated back to
   back at least MIN_REPEATS times over at least MIN_LOOP_WORDS words;
 - per source: lengths in tokens (naming rows LENGTH_FACTOR times longer or shorter than the median) and truncated
@@ -46,6 +46,7 @@ _REPLY_MARKS = (3, 5)
 _MARK_BYTES = bytes(range(1, 6))
 _DROPPED = bytes(b for b in range(128) if not chr(b).isalnum() and b not in _MARK_BYTES)  # whitespace, punctuation
 _TO_SPACE = bytes.maketrans(_DROPPED, b" " * len(_DROPPED))
+_WHITESPACE = b" \t\n\r\x0b\x0c"
 _UNICODE_PUNCTUATION = str.maketrans({c: " " for c in "\u00a0\u2018\u2019\u201a\u201b\u201c\u201d\u201e\u201f"
                                       "\u2013\u2014\u2026\u00ab\u00bb\u2022\u00b7"})
 _WORD_BYTES = 16  # a word hashes by its first 16 bytes
@@ -56,7 +57,7 @@ _MASK64 = (1 << 64) - 1
 class RowPrint:
     """What the doctor keeps of one row (small: it travels from the worker processes)."""
 
-    exact: int  # 64-bit hash of the row with whitespace collapsed
+    exact: int  # 64-bit hash of the row without whitespace
     near: int  # ... lowercase, without whitespace and punctuation
     signature: bytes | None  # SIGNATURE_BINS uint32 MinHash values of the word 3-grams; None for short rows
     empty_reply: str | None = None  # where the first empty reply is, e.g. "message 4 (assistant)"
@@ -87,7 +88,7 @@ def _batch_prints(examples: list[dict[str, Any]]) -> list[RowPrint]:
         text, extras, empty_reply = _row_text(example)
         low = (text if text.isascii() else text.translate(_UNICODE_PUNCTUATION)).lower().encode()
         row_words = low.translate(_TO_SPACE).split()  # the marks stay, each its own word
-        prints.append(RowPrint(_hash(b" ".join(text.encode().split()) + extras),
+        prints.append(RowPrint(_hash(text.encode().translate(None, _WHITESPACE) + extras),
                                _hash(low.translate(None, _DROPPED) + extras), None, empty_reply))
         words += row_words
         counts.append(len(row_words))
@@ -104,21 +105,20 @@ def _row_text(example: dict[str, Any]) -> tuple[str, bytes, str | None]:
     if "messages" in example:
         parts = []
         for number, message in enumerate(example["messages"], start=1):
-            content = message["content"]
+            content, role = message["content"], message["role"]
             if not isinstance(content, str):
                 content = " ".join(p["text"] if p["type"] == "text" else "<image>" for p in content)
-            parts += [" ", MARKS[message["role"]], " ", content]
+            parts.append(MARKS[role])
+            parts.append(content)
             if len(message) > 2:  # tool calls, reasoning, names
                 extras.append({k: v for k, v in message.items() if k not in ("role", "content")})
-            if empty is None and message["role"] == "assistant" and not content.strip() \
-                    and not message.get("tool_calls"):
+            if role == "assistant" and empty is None and not content.strip() and not message.get("tool_calls"):
                 empty = f"message {number} (assistant)"
         extras += [example.get("tools"), example.get("chat_template_kwargs"),
                    [_image_key(ref) for ref in example.get("images") or ()]]
-        text = "".join(parts)
+        text = " " + " ".join(parts)
     elif "prompt" in example:
         text = f" {MARKS['prompt']} {example['prompt']} {MARKS['completion']} {example['completion']}"
-        empty = "the completion" if not example["completion"].strip() else None
     else:
         text = f" {MARKS['text']} {example['text']}"
     useful = [e for e in extras if e]
@@ -197,18 +197,18 @@ def _loops(words: np.ndarray, word_hash: np.ndarray, is_mark: np.ndarray, mark: 
     """Per row, the reply words covered by the longest loop: a run of `period` words that repeats back to back."""
     message = np.cumsum(is_mark)  # each mark opens a message
     opener = np.flatnonzero(is_mark)
-    in_reply = np.isin(mark[opener], _REPLY_MARKS)[message - 1] & ~is_mark
+    reply = np.flatnonzero(np.isin(mark[opener], _REPLY_MARKS)[message - 1] & ~is_mark)  # a reply's words
+    hashes, reply_message = word_hash[reply], message[reply]
     best: dict[int, tuple[int, int, int]] = {}  # row -> (words covered, period, first word)
     for period in range(1, MAX_PERIOD + 1):
-        same = (word_hash[period:] == word_hash[:-period]) & (message[period:] == message[:-period]) \
-            & in_reply[period:] & in_reply[:-period]
+        same = (hashes[period:] == hashes[:-period]) & (reply_message[period:] == reply_message[:-period])
         if not same.any():
             continue
         edges = np.diff(np.concatenate(([0], same.view(np.int8), [0])))
         starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
         covered = ends - starts + period
         long_enough = (covered >= MIN_LOOP_WORDS) & (covered >= MIN_REPEATS * period)
-        for start, words_covered in zip(starts[long_enough], covered[long_enough]):
+        for start, words_covered in zip(reply[starts[long_enough]], covered[long_enough]):
             row = int(row_of_word[start])
             if words_covered > best.get(row, (0,))[0]:
                 best[row] = (int(words_covered), period, int(start))

@@ -9,7 +9,7 @@ from typing import Any
 from sftune.data.doctor import LENGTH_FACTOR
 
 FINDINGS = {  # count key -> the rows it counts
-    "exact_duplicates": "training rows repeating an earlier row once whitespace is collapsed",
+    "exact_duplicates": "training rows repeating an earlier row once whitespace is ignored",
     "near_duplicates": "training rows nearly repeating an earlier row",
     "train_eval_overlap": "eval rows repeating a training row, exactly or nearly",
     "empty_replies": "training rows with an empty or whitespace-only assistant reply",
