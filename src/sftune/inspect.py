@@ -13,8 +13,8 @@ from typing import Any, TextIO
 import numpy as np
 
 from sftune.config import SFTConfig
-from sftune.data.order import epoch_order
 from sftune.data.doctor_report import inspect_lines
+from sftune.data.order import epoch_order
 from sftune.data.render import CHECKS, IGNORE_INDEX
 
 TRAINED_ON, TRAINED_OFF = "\033[1;32m", "\033[0m"

@@ -130,10 +130,10 @@ def _sources(stats: dict[str, Any]) -> str:
     report = stats.get("doctor")
     if not report:
         return ""
-    shares = dict(trained_shares(stats))
     parts = ["<h2>Sources</h2>"]
-    for source in report["sources"]:
-        share = shares.get(source["name"], 0.0)
+    for source, (_, share) in zip(report["sources"], trained_shares(stats)):
+        if not source["rows"]:  # an eval-only source
+            continue
         parts.append(f"<h3>{_e(source['name'])}</h3><p>{source['rows']:,} training rows, "
                      f"{100 * share:.1f}% of the trained tokens {_share_bar(share)}</p>")
         if source["lengths"]:

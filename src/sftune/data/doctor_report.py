@@ -52,7 +52,7 @@ def detail(report: dict[str, Any], name: str) -> str:
 
 
 def trained_shares(stats: dict[str, Any]) -> list[tuple[str, float]]:
-    """(source, share of the trained tokens after mixing) for each source."""
+    """(source, share of the trained tokens after mixing) for each source, in the order of the report's sources."""
     sources = stats.get("sources") or []
     total = sum(s.get("trained_tokens", 0) for s in sources)
     return [(s["name"], s.get("trained_tokens", 0) / total if total else 0.0) for s in sources]
@@ -75,10 +75,10 @@ def inspect_lines(stats: dict[str, Any]) -> list[str]:
         lines.append(f"  eval duplicates: {report['eval_duplicates']:,} eval rows repeat an earlier eval row")
     if report.get("dedupe"):
         lines.append(_dedupe_text(report["dedupe"]))
-    shares = dict(trained_shares(stats))
-    for source in report["sources"]:
-        lines.append(f"  source {source['name']}: {source['rows']:,} rows, {100 * shares.get(source['name'], 0):.1f}% "
-                     "of the trained tokens")
+    for source, (_, share) in zip(report["sources"], trained_shares(stats)):
+        if not source["rows"]:  # an eval-only source
+            continue
+        lines.append(f"  source {source['name']}: {source['rows']:,} rows, {100 * share:.1f}% of the trained tokens")
         if source["lengths"]:
             lengths = source["lengths"]
             lines.append(f"    tokens per row: min {lengths['min']:,}, median {lengths['p50']:,}, "
