@@ -128,7 +128,7 @@ def doctor_work(rows: list[dict]) -> tuple[float, float]:
     examples = [{"messages": r["messages"], "completion_start": None, "tools": None, "chat_template_kwargs": None}
                 for r in rows if any(m["role"] == "assistant" for m in r["messages"])]
     started = time.process_time()
-    prints = doctor.fingerprints(examples)
+    prints = doctor.fingerprints(examples, max_words=MAX_LENGTH)  # as preparation does (keep_start)
     fingerprinted = time.process_time()
     n = len(prints)
     doctor.examine(prints, np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64),
@@ -142,8 +142,8 @@ def doctor_cost(dataset, rows: list[dict], repeats: int, num_proc: int | None) -
     times: dict[bool, list[float]] = {True: [], False: []}
     cpu: dict[bool, list[float]] = {True: [], False: []}
     report = None
-    for _ in range(repeats):
-        for check in (True, False):
+    for repeat in range(repeats):
+        for check in (True, False) if repeat % 2 == 0 else (False, True):  # either order first, in turn
             started, cpu_started = time.perf_counter(), cpu_seconds()
             data = sftune_prepare(dataset, num_proc, check_data=check)
             times[check].append(time.perf_counter() - started)

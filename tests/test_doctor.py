@@ -409,3 +409,16 @@ def test_html_report_is_one_offline_page_that_a_real_browser_renders(tiny_model_
     assert len(np.unique(pixels[::7], axis=0)) > 50
     highlight = np.array([int(TRAINED_BACKGROUND[i:i + 2], 16) for i in (1, 3, 5)])
     assert (np.abs(pixels - highlight).max(axis=1) <= 8).sum() > 200  # the trained tokens are highlighted
+
+
+def test_similarity_and_loops_look_only_at_what_training_can_see():
+    """Past max_length words (each at least one token) a row is cut off by keep_start truncation: a loop there is
+    never trained, and two rows that differ only there are the same to training."""
+    start = " ".join(WORDS[:40])
+    looping = chat("hi", start + " ha" * 30)
+    assert doctor.fingerprints([looping])[0].repetition is not None
+    assert doctor.fingerprints([looping], max_words=40)[0].repetition is None
+    a, b = chat("hi", start + " " + " ".join(WORDS[40:])), chat("hi", start + " " + " ".join(reversed(WORDS[40:])))
+    full, cut = doctor.fingerprints([a, b]), doctor.fingerprints([a, b], max_words=42)
+    assert full[0].signature != full[1].signature and cut[0].signature == cut[1].signature
+    assert cut[0].exact != cut[1].exact  # the keys still cover the whole row

@@ -67,15 +67,18 @@ class RowPrint:
 # ---------------------------------------------------------------- per row, in the worker processes
 
 
-def fingerprints(examples: list[dict[str, Any]], batch: int = 256) -> list[RowPrint]:
-    """One RowPrint per canonical example (see formats.py), computed in batches (numpy over a batch's words)."""
+def fingerprints(examples: list[dict[str, Any]], max_words: int | None = None, batch: int = 256) -> list[RowPrint]:
+    """One RowPrint per canonical example (see formats.py), computed in batches (numpy over a batch's words).
+
+    With `max_words`, similarity and loops look at a row's first max_words words only: truncated to max_length
+    tokens from its start, a row shows training no more words than that, since a word is at least one token."""
     out: list[RowPrint] = []
     for start in range(0, len(examples), batch):
-        out += _batch_prints(examples[start:start + batch])
+        out += _batch_prints(examples[start:start + batch], max_words)
     return out
 
 
-def _batch_prints(examples: list[dict[str, Any]]) -> list[RowPrint]:
+def _batch_prints(examples: list[dict[str, Any]], max_words: int | None) -> list[RowPrint]:
     prints, words, counts = [], [], []
     for example in examples:
         if "input_ids" in example:  # pre-tokenized: compared by ids and labels only
@@ -88,6 +91,8 @@ def _batch_prints(examples: list[dict[str, Any]]) -> list[RowPrint]:
         text, extras, empty_reply = _row_text(example)
         low = (text if text.isascii() else text.translate(_UNICODE_PUNCTUATION)).lower().encode()
         row_words = low.translate(_TO_SPACE).split()  # the marks stay, each its own word
+        if max_words is not None and len(row_words) > max_words:
+            row_words = row_words[:max_words]
         prints.append(RowPrint(_hash(text.encode().translate(None, _WHITESPACE) + extras),
                                _hash(low.translate(None, _DROPPED) + extras), None, empty_reply))
         words += row_words

@@ -440,7 +440,9 @@ def _tokenized(worker: ExampleTokenizer, examples: list[dict], check_data: bool)
     results = worker(examples)
     if check_data:  # the rows that can be trained (those dropped here are counted apart)
         usable = [i for i, result in enumerate(results) if result.drop is None and result.error is None]
-        for i, fingerprint in zip(usable, doctor.fingerprints([examples[i] for i in usable])):
+        max_words = None if worker.keep_end else worker.max_length  # what training can see of each row
+        checked = doctor.fingerprints([examples[i] for i in usable], max_words)
+        for i, fingerprint in zip(usable, checked):
             results[i].fingerprint = fingerprint
     return results
 
