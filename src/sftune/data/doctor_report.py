@@ -4,6 +4,7 @@ Every function takes the prepared data's stats, whose "doctor" entry is the repo
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sftune.data.doctor import LENGTH_FACTOR
@@ -108,6 +109,14 @@ def warnings(stats: dict[str, Any]) -> list[str]:
     if report.get("dedupe"):
         lines.append(_dedupe_text(report["dedupe"]).strip())
     return lines
+
+
+def log_findings(stats: dict[str, Any], log: logging.Logger) -> None:
+    """The findings in the run's log: a summary line, then a warning with an example per finding."""
+    if stats.get("doctor"):
+        log.info("data doctor: %s", summary(stats))
+        for line in warnings(stats):
+            log.warning("data doctor: %s", line)
 
 
 def card_lines(stats: dict[str, Any]) -> list[str]:

@@ -30,6 +30,7 @@ import numpy as np
 from sftune import __version__
 from sftune.config import SFTConfig
 from sftune.data import doctor
+from sftune.data.doctor_report import log_findings
 from sftune.data.formats import apply_formatting_func, detect_format, is_conversation, normalise, rename_columns
 from sftune.data.images import check_processor_inputs, processor_fingerprint
 from sftune.data.pack import plan_packing
@@ -100,7 +101,7 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
             _sync_processor_template(processor, tokenizer)
             log.info("data: using the prepared data cached in %s (%d train rows, %d eval rows)",
                      folder, len(data.train_rows), len(data.eval_rows))
-            log_findings(data.stats)
+            log_findings(data.stats, log)
             return data
         log.info("data: image files changed since the data was cached in %s: preparing it again", folder)
         shutil.rmtree(folder, ignore_errors=True)
@@ -557,7 +558,7 @@ def _log_stats(stats: dict[str, Any]) -> None:
                  100 * stats["packing"]["efficiency"])
     if stats["eval_rows"]:
         log.info("data: %d eval rows", stats["eval_rows"])
-    log_findings(stats)
+    log_findings(stats, log)
     checks = stats["template_checks"]
     if stats["rows_checked"]:
         failed = {name: c for name, c in checks.items() if c["rows"]}
@@ -567,16 +568,6 @@ def _log_stats(stats: dict[str, Any]) -> None:
         for name, c in failed.items():
             log.warning("template check: %d of %d rows: %s, e.g. %s", c["rows"], stats["rows_checked"], CHECKS[name],
                         c["examples"][0])
-
-
-def log_findings(stats: dict[str, Any]) -> None:
-    """The data doctor's findings in the run's log: a summary line, then a warning with an example per finding."""
-    from sftune.data.doctor_report import summary, warnings
-
-    if stats.get("doctor"):
-        log.info("data doctor: %s", summary(stats))
-        for line in warnings(stats):
-            log.warning("data doctor: %s", line)
 
 
 # ---------------------------------------------------------------- the cache
