@@ -12,10 +12,14 @@ this favours TRL. sftune's cache is pointed at a fresh folder for every timed ru
 Both tools run with their default dataset_num_proc: TRL's is one process; sftune's is one process per CPU core
 for datasets over 2,000 rows. `--num-proc N` gives both N processes instead.
 
+`--doctor-cost` times sftune alone, with and without its data doctor (the duplicate, overlap, empty and repetitive
+reply checks of `sftune inspect`), alternating, and prints what the checks add and what they found.
+
 Before timing, the masks are compared on rows that end with an assistant turn (the two tools render those the
 same way): the token ids and labels must be identical.
 
 Run:  .venv/bin/pip install -e ".[bench]" && .venv/bin/python bench/prepare_data.py [--repeats 3] [--num-proc N]
+      .venv/bin/python bench/prepare_data.py --doctor-cost [--repeats 5]   (TRL not needed)
 """
 
 from __future__ import annotations
@@ -104,14 +108,61 @@ class TRLSide:
         return self.trainer._prepare_dataset(dataset or self.dataset, self.tokenizer, self.args, packing, None, "bench")
 
 
-def sftune_prepare(dataset, num_proc: int | None, packing: bool = True):
+def sftune_prepare(dataset, num_proc: int | None, packing: bool = True, check_data: bool = True):
     from sftune import SFTConfig
     from sftune.data.prepare import prepare_train_data
 
     config = SFTConfig(model_name_or_path="qwen3", max_length=MAX_LENGTH, packing=packing, packing_strategy="bfd",
                        assistant_only_loss=True, dataset_num_proc=num_proc)
     os.environ["SFTUNE_DATA_CACHE"] = tempfile.mkdtemp(prefix="sftune-bench-cache-")  # cold: prepare every time
-    return prepare_train_data(config, load_tokenizer(), train_dataset=dataset)
+    return prepare_train_data(config, load_tokenizer(), train_dataset=dataset, check_data=check_data)
+
+
+def doctor_work(rows: list[dict]) -> tuple[float, float]:
+    """CPU seconds of the doctor's own work on the rows preparation keeps (those with an assistant turn), in this
+    one process: the fingerprints (done in the tokenizer's workers during preparation) and the comparison."""
+    import numpy as np
+
+    from sftune.data import doctor
+
+    examples = [{"messages": r["messages"], "completion_start": None, "tools": None, "chat_template_kwargs": None}
+                for r in rows if any(m["role"] == "assistant" for m in r["messages"])]
+    started = time.process_time()
+    prints = doctor.fingerprints(examples, max_words=MAX_LENGTH)  # as preparation does (keep_start)
+    fingerprinted = time.process_time()
+    n = len(prints)
+    doctor.examine(prints, np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64),
+                   np.zeros(n, dtype=bool), str, ["chitchat"], None)
+    return fingerprinted - started, time.process_time() - fingerprinted
+
+
+def doctor_cost(dataset, rows: list[dict], repeats: int, num_proc: int | None) -> None:
+    """sftune's preparation with and without the data doctor, alternating; medians of wall and CPU time; then
+    the doctor's own work timed alone (steadier than a difference of two noisy times on a busy machine)."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    cpu: dict[bool, list[float]] = {True: [], False: []}
+    report = None
+    for repeat in range(repeats):
+        for check in (True, False) if repeat % 2 == 0 else (False, True):  # either order first, in turn
+            started, cpu_started = time.perf_counter(), cpu_seconds()
+            data = sftune_prepare(dataset, num_proc, check_data=check)
+            times[check].append(time.perf_counter() - started)
+            cpu[check].append(cpu_seconds() - cpu_started)
+            report = data.stats["doctor"] if check else report
+        print(f"  with the doctor {times[True][-1]:6.1f} s (cpu {cpu[True][-1]:6.1f} s)   without "
+              f"{times[False][-1]:6.1f} s (cpu {cpu[False][-1]:6.1f} s)")
+    wall = {k: statistics.median(v) for k, v in times.items()}
+    work = {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"median of {repeats}: {wall[True]:.1f} s with the doctor, {wall[False]:.1f} s without: "
+          f"+{100 * (wall[True] / wall[False] - 1):.1f}% wall time (CPU time {work[True]:.1f} s against "
+          f"{work[False]:.1f} s: +{100 * (work[True] / work[False] - 1):.1f}%)")
+    own = [doctor_work(rows) for _ in range(repeats)]
+    prints, compare = statistics.median(o[0] for o in own), statistics.median(o[1] for o in own)
+    print(f"the doctor's own work, alone in one process: {prints:.2f} s CPU to fingerprint the rows, {compare:.2f} s "
+          f"to compare them: {100 * (prints + compare) / work[False]:.1f}% of the preparation's CPU time")
+    print("found: " + ", ".join(f"{key} {report[key]:,}" for key in
+                                ("exact_duplicates", "near_duplicates", "train_eval_overlap", "empty_replies",
+                                 "repetitive_replies")) + f" in {report['rows_checked']['train']:,} rows")
 
 
 def compare_masks(trl: TRLSide, rows: list[dict], count: int) -> None:
@@ -136,18 +187,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per tool (alternating)")
     parser.add_argument("--num-proc", type=int, default=None, help="dataset_num_proc for both tools")
     parser.add_argument("--compare", type=int, default=300, help="rows whose masks are compared first (0: skip)")
+    parser.add_argument("--doctor-cost", action="store_true",
+                        help="time sftune with and without its data doctor instead (no TRL)")
     args = parser.parse_args()
 
     import datasets
     import torch
 
     torch.set_num_threads(1)
-    logging.getLogger("sftune").setLevel(logging.WARNING)
+    logging.getLogger("sftune").setLevel(logging.ERROR)
     datasets.utils.logging.disable_progress_bar()
     from sftune.assets import fetch
 
     rows = chitchat_conversations(fetch("chitchat")) * 3
     dataset = datasets.Dataset.from_list(rows)
+    if args.doctor_cost:
+        print(f"rows: {len(rows)}; max_length {MAX_LENGTH}, bfd packing, assistant-only masks; cores: {os.cpu_count()}")
+        return doctor_cost(dataset, rows, args.repeats, args.num_proc)
     workdir = Path(tempfile.mkdtemp(prefix="sftune-bench-"))
     trl = TRLSide(rows, workdir, args.num_proc)
     print(f"rows: sftune {len(rows)}, TRL {len(trl.dataset)} (those with an assistant turn); "

@@ -53,10 +53,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
 
     inspect = commands.add_parser(
-        "inspect", help="Show what training will see: data statistics, template checks, masked examples.",
-        allow_abbrev=False, usage="sftune inspect [CONFIG] [--jsonl FILE] [--num_examples N] [--KEY VALUE ...]",
-        description="Prepare the data as `sftune train` would (using the same cache), print its statistics and "
-        "template checks, and show examples with the trained tokens highlighted.",
+        "inspect", help="Show what training will see: data statistics, template checks, data problems, examples.",
+        allow_abbrev=False,
+        usage="sftune inspect [CONFIG] [--json] [--html FILE] [--jsonl FILE] [--num_examples N] [--KEY VALUE ...]",
+        description="Prepare the data as `sftune train` would (using the same cache), print its statistics, "
+        "template checks and the data doctor's findings (duplicates, train/eval overlap, empty and repetitive "
+        "replies, lengths per source, with example rows), and show examples with the trained tokens highlighted.",
     )
     inspect.add_argument("config", nargs="?", help="YAML file with settings; flags override it.")
     inspect.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
@@ -64,6 +66,10 @@ def _build_parser() -> argparse.ArgumentParser:
                          "order, as one JSON object per line: index, input_ids, labels.")
     inspect.add_argument("--num_examples", "--num-examples", type=int, default=3, metavar="N",
                          help="Examples to show (default: 3).")
+    inspect.add_argument("--json", action="store_true", dest="as_json",
+                         help="Print the statistics, with the data doctor's under 'doctor', as one JSON object.")
+    inspect.add_argument("--html", metavar="FILE", help="Also write the statistics, findings, length histograms and "
+                         "highlighted examples as one self-contained HTML page (no network needed to view it).")
     _add_config_flags(inspect)
 
     demo = commands.add_parser(
@@ -132,7 +138,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
         parser.print_help()
         raise SystemExit(EXIT_USER_ERROR)
     reserved = {"command", "config", "debug", "num_processes", "run_dir", "output", "jsonl", "num_examples",
-                "overwrite", "prompt", "system", "max_new_tokens", "temperature"}
+                "overwrite", "prompt", "system", "max_new_tokens", "temperature", "as_json", "html"}
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     return args, overrides
 
@@ -154,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "inspect":
             from sftune.inspect import inspect_data
 
-            inspect_data(cfg.load_config(args.config, overrides), args.jsonl, args.num_examples)
+            inspect_data(cfg.load_config(args.config, overrides), args.jsonl, args.num_examples,
+                         as_json=args.as_json, html=args.html)
         elif args.command == "demo":
             from sftune.demo import run_demo
 

@@ -219,6 +219,14 @@ class SFTConfig:
     group_by_length: bool = _opt(
         False, "Batch rows of similar length together (less padding); without packing only.", "data"
     )
+    dedupe: Literal["exact", "near"] | None = _opt(
+        None,
+        "Remove duplicate rows the data doctor finds (`sftune inspect` reports them either way): 'exact' (same "
+        "text once whitespace is ignored) or 'near' (also same up to case and punctuation, or MinHash "
+        "similarity >= 0.8); the first of each group stays, eval rows that repeat a training row go. Unset: "
+        "nothing is removed.",
+        "data",
+    )
     dataset_num_proc: int | None = _opt(
         None, "Processes that tokenize the data (unset: one per CPU core for datasets over 2,000 rows).", "data"
     )

@@ -1,5 +1,6 @@
-"""`sftune inspect CONFIG`: what training will see. Dataset statistics, template checks, and examples with the
-trained tokens highlighted (colour on a terminal, [[brackets]] when piped)."""
+"""`sftune inspect CONFIG`: what training will see. Dataset statistics, template checks, the data doctor's findings
+(data/doctor.py), and examples with the trained tokens highlighted (colour on a terminal, [[brackets]] when piped);
+`--json` prints the statistics as one JSON object, `--html FILE` writes them as a page (report_html.py)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,23 @@ import numpy as np
 
 from sftune.batching import BatchingPlan, plan_batching
 from sftune.config import SFTConfig
+from sftune.data.doctor_report import inspect_lines
 from sftune.data.order import epoch_order
 from sftune.data.render import CHECKS, IGNORE_INDEX
 
 TRAINED_ON, TRAINED_OFF = "\033[1;32m", "\033[0m"
+HTML_EXAMPLES = 5  # examples on the --html page, at least
 
 
-def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int = 3, out: TextIO = sys.stdout) -> None:
+def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int = 3, out: TextIO | None = None,
+                 as_json: bool = False, html: str | None = None) -> None:
     import torch
 
     from sftune.data.prepare import prepare_documents, prepare_train_data
     from sftune.model.load import IMAGE_TEXT_TO_TEXT, load_processor, load_tokenizer, model_class_of
     from sftune.run import setup_logging
 
+    out = out or sys.stdout  # the current one (a default argument would keep the one at import)
     config.check_ready_to_train()
     setup_logging()
     # as a single-process `sftune train` on this machine would batch the rows
@@ -34,24 +39,34 @@ def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int 
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
     data = prepare_train_data(config, tokenizer, processor=processor)
     tokenizer = data.tokenizer  # as training shapes it (template, EOS)
-    for line in describe(data.stats, data.train_rows, config, plan):
-        print(line, file=out)
-    if num_examples <= 0 and not jsonl:
+    summary = describe(data.stats, data.train_rows, config, plan)
+    notes = sys.stderr if as_json else out  # with --json, stdout holds the JSON object alone
+    if as_json:
+        print(json.dumps(data.stats, indent=1, default=str), file=out)
+    else:
+        print("\n".join(summary), file=out)
+    shown_here = 0 if as_json else num_examples
+    wanted = max(shown_here, HTML_EXAMPLES if html else 0)
+    if wanted <= 0 and not jsonl:
         return
-    documents, sources = prepare_documents(config, tokenizer, limit=None if jsonl else num_examples,
-                                           processor=processor)
+    documents, sources = prepare_documents(config, tokenizer, limit=None if jsonl else wanted, processor=processor)
+    examples = [(source.where(int(index)), ids, labels) for docs, source in zip(documents, sources)
+                for ids, labels, index in zip(docs.ids, docs.labels, docs.index)][:wanted]
     colour = out.isatty()
-    shown = 0
-    for docs, source in zip(documents, sources):
-        for ids, labels, index in zip(docs.ids, docs.labels, docs.index):
-            if shown >= num_examples:
-                break
-            print(f"\n--- example {shown + 1}: {source.where(int(index))} ---", file=out)
-            print(highlight(tokenizer, ids, labels, colour), file=out)
-            shown += 1
+    for number, (where, ids, labels) in enumerate(examples[:shown_here], start=1):
+        print(f"\n--- example {number}: {where} ---", file=out)
+        print(highlight(tokenizer, ids, labels, colour), file=out)
+    if html:
+        from sftune.report_html import Example, write_html_report
+
+        pages = [Example(where, trained_runs(tokenizer, ids, labels), len(ids), int((labels[1:] != IGNORE_INDEX).sum()))
+                 for where, ids, labels in examples]
+        title = f"{config.dataset_name or ', '.join(s['name'] for s in data.stats['sources'])}: sftune inspect"
+        write_html_report(Path(html), data.stats, summary, pages, title)
+        print(f"\nwrote the report to {html}", file=notes)
     if jsonl:
         write_jsonl(Path(jsonl), documents)
-        print(f"\nwrote {sum(len(d) for d in documents)} prepared examples (before packing) to {jsonl}", file=out)
+        print(f"\nwrote {sum(len(d) for d in documents)} prepared examples (before packing) to {jsonl}", file=notes)
 
 
 def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfig, plan: BatchingPlan) -> list[str]:
@@ -87,7 +102,7 @@ def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfi
                          f"{source['tokens']:,} tokens, {source['eval_documents']} for evaluation")
     else:
         lines.insert(0, f"dataset: {config.dataset_name} ({stats['format']}, {stats['sources'][0]['rows_read']} rows)")
-    return lines
+    return lines + inspect_lines(stats)
 
 
 def padding_waste(rows: list[dict[str, Any]], config: SFTConfig, plan: BatchingPlan) -> float:
@@ -103,16 +118,20 @@ def padding_waste(rows: list[dict[str, Any]], config: SFTConfig, plan: BatchingP
 
 def highlight(tokenizer: Any, ids: np.ndarray, labels: np.ndarray, colour: bool) -> str:
     """The text of `ids`, with each run of trained tokens marked."""
+    return "".join((f"{TRAINED_ON}{text}{TRAINED_OFF}" if colour else f"[[{text}]]") if trained else text
+                   for text, trained in trained_runs(tokenizer, ids, labels))
+
+
+def trained_runs(tokenizer: Any, ids: np.ndarray, labels: np.ndarray) -> list[tuple[str, bool]]:
+    """The text of `ids` in runs of tokens that are all trained or all not: (text, trained)."""
     trained = labels != IGNORE_INDEX
-    parts, start = [], 0
+    runs, start = [], 0
     for end in range(1, len(ids) + 1):
         if end == len(ids) or trained[end] != trained[start]:
-            text = tokenizer.decode([int(t) for t in ids[start:end]], skip_special_tokens=False)
-            if trained[start]:
-                text = f"{TRAINED_ON}{text}{TRAINED_OFF}" if colour else f"[[{text}]]"
-            parts.append(text)
+            runs.append((tokenizer.decode([int(t) for t in ids[start:end]], skip_special_tokens=False),
+                         bool(trained[start])))
             start = end
-    return "".join(parts)
+    return runs
 
 
 def write_jsonl(path: Path, documents: list) -> None:

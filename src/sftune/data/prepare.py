@@ -28,6 +28,8 @@ from typing import Any, Callable
 import numpy as np
 
 from sftune.config import SFTConfig
+from sftune.data import doctor
+from sftune.data.doctor_report import log_findings
 from sftune.data.formats import apply_formatting_func, detect_format, is_conversation, normalise, rename_columns
 from sftune.data.images import check_processor_inputs, processor_fingerprint
 from sftune.data.pack import plan_packing
@@ -43,13 +45,13 @@ from sftune.tokenizer import shaped_tokenizer, stop_token_ids, with_default_temp
 
 log = logging.getLogger("sftune")
 
-CACHE_LAYOUT = "1"  # bump when the prepared rows would differ for the same inputs
+CACHE_LAYOUT = "2"  # bump when the prepared rows would differ for the same inputs
 PARALLEL_MIN_ROWS = 2000  # below this, starting worker processes costs more than it saves
 EXAMPLES_PER_CHECK = 3
 SETTINGS = (  # every config field that changes the prepared rows
     "dataset_name", "dataset_config", "dataset_train_split", "dataset_text_field", "datasets", "dataset_test_split",
     "eval_ratio", "dataset_format", "dataset_columns", "max_length", "truncation_mode", "loss_mask", "packing",
-    "packing_strategy", "seed",
+    "packing_strategy", "seed", "dedupe",
 )
 
 
@@ -78,15 +80,19 @@ def data_cache_dir() -> Path:
 
 
 def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = None, eval_dataset: Any = None,
-                       formatting_func: Callable[[dict], Any] | None = None, processor: Any = None) -> PreparedData:
+                       formatting_func: Callable[[dict], Any] | None = None, processor: Any = None,
+                       check_data: bool = True) -> PreparedData:
     """Prepared train and eval rows for `config`, from the cache when the same inputs were prepared before.
 
     `tokenizer` is shaped for the run (chat_template_path, eos_token, the processor's template, the ChatML default
     for conversations on a tokenizer without a template) on a copy, returned as `PreparedData.tokenizer`; the one
     given is not changed. `processor`, a vision-language model's, turns each image into its tokens.
+    `check_data=False` skips the data doctor (doctor.py), only to measure what it costs (bench/prepare_data.py).
     """
     started = time.perf_counter()
     inputs = _open_inputs(config, tokenizer, train_dataset, eval_dataset, formatting_func, processor)
+    if not check_data and inputs.fingerprint:
+        inputs.fingerprint += "-unchecked"
     folder = data_cache_dir() / inputs.fingerprint if inputs.fingerprint else None
     if folder is not None and (folder / "stats.json").is_file():
         data = _load(folder)
@@ -96,12 +102,13 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
                 data.tokenizer, _ = with_default_template(inputs.tokenizer, keep_eos=bool(config.eos_token))
             log.info("data: using the prepared data cached in %s (%d train rows, %d eval rows)",
                      folder, len(data.train_rows), len(data.eval_rows))
+            log_findings(data.stats, log)
             return data
         log.info("data: image files changed since the data was cached in %s: preparing it again", folder)
         shutil.rmtree(folder, ignore_errors=True)
 
     sources = _read_sources(inputs, config)
-    documents, stats = _tokenize_sources(sources, inputs, config)
+    documents, stats = _tokenize_sources(sources, inputs, config, check_data=check_data)
     train, evaluation = _assemble(documents, [s.weight for s in sources], config, stats)
     stats["seconds"] = round(time.perf_counter() - started, 3)
     names = source_names(inputs.specs) + (["eval_dataset"] if inputs.eval_dataset is not None else [])
@@ -267,8 +274,8 @@ def _normalised(rows: SourceRows, spec: DatasetSpec, config: SFTConfig, formatti
 # ---------------------------------------------------------------- stage 3: tokenize, truncate, check
 
 
-def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig,
-                      require_rows: bool = True) -> tuple[list[dict[str, Documents]], dict[str, Any]]:
+def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig, require_rows: bool = True,
+                      check_data: bool = True) -> tuple[list[dict[str, Documents]], dict[str, Any]]:
     stats: dict[str, Any] = {"format": sources[0].format, "default_template": False}
     if any(s.train and is_conversation(s.train[0]) or s.eval and is_conversation(s.eval[0]) for s in sources):
         if not getattr(inputs.tokenizer, "chat_template", None):
@@ -281,7 +288,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
     jobs = [(s, split, i) for s, source in enumerate(sources) for split in ("train", "eval")
             for i in range(len(getattr(source, split)))]
     results = _run_tokenizer(worker, [getattr(sources[s], split)[i] for s, split, i in jobs],
-                             config.dataset_num_proc)
+                             config.dataset_num_proc, check_data)
 
     checks = {name: {"rows": 0, "examples": []} for name in CHECKS}
     dropped: dict[str, int] = {}
@@ -315,6 +322,10 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
         counters["images"] += len(result.images or ())
         kept.setdefault((s, split), []).append((index, result))
 
+    stats["doctor"] = _examine(kept, sources, config) if check_data else None
+    removed = (stats["doctor"] or {}).get("dedupe") or {}
+    if removed.get("train_removed") or removed.get("eval_removed"):
+        dropped["duplicates"] = removed["train_removed"] + removed["eval_removed"]
     documents = []
     for s, source in enumerate(sources):
         per_split = {}
@@ -338,19 +349,48 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
     return documents, stats
 
 
-def _run_tokenizer(worker: ExampleTokenizer, examples: list[dict], num_proc: int | None) -> list[Tokenized]:
+def _examine(kept: dict[tuple[int, str], list[tuple[int, Tokenized]]], sources: list[_Source],
+             config: SFTConfig) -> dict[str, Any]:
+    """The data doctor's report on the kept rows (all training rows, then all eval rows); with `dedupe`, the
+    duplicates it finds are taken out of `kept` here."""
+    order = [(s, split) for split in ("train", "eval") for s in range(len(sources)) if (s, split) in kept]
+    items = [(s, split, index, result) for s, split in order for index, result in kept[(s, split)]]
+
+    def where(k: int) -> str:
+        s, split, index, _ = items[k]
+        return (sources[s].rows if split == "train" else sources[s].eval_rows).where(index)
+
+    report, remove = doctor.examine(
+        [r.fingerprint for *_, r in items], np.array([split == "eval" for _, split, _, _ in items], dtype=bool),
+        np.array([s for s, *_ in items], dtype=np.int64), np.array([len(r.ids) for *_, r in items], dtype=np.int64),
+        np.array([r.truncated for *_, r in items], dtype=bool), where, [s.label for s in sources], config.dedupe)
+    if remove.any():
+        position = 0
+        for key in order:
+            count = len(kept[key])
+            kept[key] = [item for item, gone in zip(kept[key], remove[position:position + count]) if not gone]
+            position += count
+        log.info("data: dedupe: %s removed %d training rows that repeat an earlier row and %d eval rows that repeat "
+                 "a training row or an earlier eval row", config.dedupe, report["dedupe"]["train_removed"],
+                 report["dedupe"]["eval_removed"])
+    return report
+
+
+def _run_tokenizer(worker: ExampleTokenizer, examples: list[dict], num_proc: int | None,
+                   check_data: bool = True) -> list[Tokenized]:
     if num_proc is None:  # one process per core, each with at least PARALLEL_MIN_ROWS / 2 rows
         num_proc = min(_available_cores(), len(examples) * 2 // PARALLEL_MIN_ROWS) or 1
     if num_proc <= 1 or len(examples) < 2 * num_proc:
-        return worker(examples)
+        return _tokenized(worker, examples, check_data)
     size = -(-len(examples) // (num_proc * 16))  # many small chunks: long conversations even out across workers
     chunks = [(i, min(i + size, len(examples))) for i in range(0, len(examples), size)]
     worker.shape(None)  # analyse the template once, before the workers copy the tokenizer
-    global _WORKER, _EXAMPLES
-    _WORKER, _EXAMPLES = worker, examples  # forked workers read these; spawned ones get them through initargs
+    global _WORKER, _EXAMPLES, _CHECK_DATA
+    # forked workers read these; spawned ones get them through initargs
+    _WORKER, _EXAMPLES, _CHECK_DATA = worker, examples, check_data
     forking = "fork" in multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if forking else "spawn")
-    initargs = (None, None) if forking else (worker, examples)
+    initargs = (None, None, check_data) if forking else (worker, examples, check_data)
     try:
         with context.Pool(num_proc, initializer=_set_worker, initargs=initargs) as pool:
             parts = pool.map(_work, chunks, chunksize=1)
@@ -361,18 +401,32 @@ def _run_tokenizer(worker: ExampleTokenizer, examples: list[dict], num_proc: int
 
 _WORKER: ExampleTokenizer | None = None
 _EXAMPLES: list[dict] | None = None
+_CHECK_DATA = True
 
 
-def _set_worker(worker: ExampleTokenizer | None, examples: list[dict] | None) -> None:
-    global _WORKER, _EXAMPLES
+def _set_worker(worker: ExampleTokenizer | None, examples: list[dict] | None, check_data: bool) -> None:
+    global _WORKER, _EXAMPLES, _CHECK_DATA
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _CHECK_DATA = check_data
     if worker is not None:
         _WORKER, _EXAMPLES = worker, examples
 
 
 def _work(chunk: tuple[int, int]) -> list[Tokenized]:
     assert _WORKER is not None and _EXAMPLES is not None
-    return _WORKER(_EXAMPLES[chunk[0]:chunk[1]])
+    return _tokenized(_WORKER, _EXAMPLES[chunk[0]:chunk[1]], _CHECK_DATA)
+
+
+def _tokenized(worker: ExampleTokenizer, examples: list[dict], check_data: bool) -> list[Tokenized]:
+    """The examples tokenized and, for the data doctor, fingerprinted in the same process (doctor.py)."""
+    results = worker(examples)
+    if check_data:  # the rows that can be trained (those dropped here are counted apart)
+        usable = [i for i, result in enumerate(results) if result.drop is None and result.error is None]
+        max_words = None if worker.keep_end else worker.max_length  # what training can see of each row
+        checked = doctor.fingerprints([examples[i] for i in usable], max_words)
+        for i, fingerprint in zip(usable, checked):
+            results[i].fingerprint = fingerprint
+    return results
 
 
 def _available_cores() -> int:
@@ -451,17 +505,25 @@ def _describe(train: RowStore, evaluation: RowStore, docs: Documents, config: SF
     if train.packed:
         stats["packing"] = {"strategy": config.packing_strategy, "length": config.max_length,
                             "efficiency": round(tokens / max(len(train) * config.max_length, 1), 4)}
-    per_source_tokens = np.bincount(np.repeat(train.doc_source, train.doc_lengths), minlength=len(stats["sources"]))
+    token_source = np.repeat(train.doc_source, train.doc_lengths)
+    per_source_tokens = np.bincount(token_source, minlength=len(stats["sources"]))
+    per_source_trained = np.bincount(token_source[_trained_mask(train)], minlength=len(stats["sources"]))
     for s, source_stats in enumerate(stats["sources"]):
         source_stats["tokens"] = int(per_source_tokens[s])
+        source_stats["trained_tokens"] = int(per_source_trained[s])
 
 
 def _trained_tokens(store: RowStore) -> int:
     """Trained targets: labels that are not masked, minus each document's first token (never predicted)."""
-    if len(store.input_ids) == 0:
-        return 0
-    starts = np.concatenate([[0], np.cumsum(store.doc_lengths)[:-1]]).astype(np.int64)
-    return int((store.labels != IGNORE_INDEX).sum() - (store.labels[starts] != IGNORE_INDEX).sum())
+    return int(_trained_mask(store).sum())
+
+
+def _trained_mask(store: RowStore) -> np.ndarray:
+    """Per token: a trained target (as counted by _trained_tokens)."""
+    mask = store.labels != IGNORE_INDEX
+    if len(mask):
+        mask[np.concatenate([[0], np.cumsum(store.doc_lengths)[:-1]]).astype(np.int64)] = False
+    return mask
 
 
 def _log_stats(stats: dict[str, Any]) -> None:
@@ -477,6 +539,7 @@ def _log_stats(stats: dict[str, Any]) -> None:
                  100 * stats["packing"]["efficiency"])
     if stats["eval_rows"]:
         log.info("data: %d eval rows", stats["eval_rows"])
+    log_findings(stats, log)
     checks = stats["template_checks"]
     if stats["rows_checked"]:
         failed = {name: c for name, c in checks.items() if c["rows"]}

@@ -48,6 +48,7 @@ class Tokenized:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (check name, what and where in the row)
     images: list | None = None  # image references, in the order of their tokens (rows with images)
     error: str | None = None  # a problem with the row that stops preparation (the caller adds where it is)
+    fingerprint: Any = None  # the data doctor's summary of the example (doctor.py)
 
 
 @dataclass

@@ -334,7 +334,14 @@ def _data_section(config: SFTConfig, stats: dict[str, Any]) -> str:
         else:
             facts.append(f"- Template checks: passed on all {stats['rows_checked']:,} rows "
                          f"({stats.get('turns_checked', 0):,} assistant turns)")
-    return "\n".join(lines + facts) + "\n"
+    return "\n".join(lines + facts + _data_checks(stats)) + "\n"
+
+
+def _data_checks(stats: dict[str, Any]) -> list[str]:
+    """The data doctor's counts (duplicates, train/eval overlap, empty and repetitive replies)."""
+    from sftune.data.doctor_report import card_lines
+
+    return card_lines(stats)
 
 
 def _source_label(name: str | None) -> str:
