@@ -10,7 +10,7 @@ from conftest import IMAGE_TOKEN, random_images, write_jsonl
 from sftune import SFTConfig, train
 from sftune.cli import main
 from sftune.data.collate import make_collator
-from sftune.data.images import check_processor_inputs, load_image
+from sftune.data.images import load_image
 from sftune.data.prepare import prepare_train_data
 from sftune.data.render import IGNORE_INDEX
 from sftune.errors import ConfigError, DataError, UserError
@@ -115,15 +115,6 @@ def test_assistant_only_and_completion_only_masks(tiny_llava_dir, image_dir):
     assert trained_text(processor.tokenizer, row) == f"{ANSWERS[0]}<|im_end|>"
 
 
-def test_processors_needing_other_inputs_are_refused():
-    from types import SimpleNamespace
-
-    gemma_like = SimpleNamespace(model_input_names=["input_ids", "attention_mask", "pixel_values", "token_type_ids"],
-                                 image_processor=SimpleNamespace(model_input_names=["pixel_values"]))
-    with pytest.raises(UserError, match="needs the model inputs token_type_ids"):
-        check_processor_inputs(gemma_like)
-
-
 def test_a_row_too_long_for_its_images_is_dropped_and_counted(tiny_llava_dir, image_dir, caplog):
     rows = image_rows()[:2] + [{"images": ["img/4.png", "img/5.png", "img/0.png"],
                                 "messages": [user(" ".join(ANSWERS * 3), None, None, None), assistant(ANSWERS[0])]}]
@@ -146,7 +137,7 @@ def test_a_row_too_long_for_its_images_is_dropped_and_counted(tiny_llava_dir, im
         prepared(config_for(tiny_llava_dir, data_file, max_length=8))
 
 
-def test_missing_image_and_packing_are_clear_errors(tiny_llava_dir, image_dir, tmp_path, capsys):
+def test_missing_image_and_cutting_packing_are_clear_errors(tiny_llava_dir, image_dir, tmp_path, capsys):
     rows = image_rows()
     rows[1]["images"] = ["img/missing.png"]
     data_file = write_jsonl(image_dir / "missing.jsonl", rows)
@@ -160,9 +151,10 @@ def test_missing_image_and_packing_are_clear_errors(tiny_llava_dir, image_dir, t
     assert len(err) == 1 and "img/missing.png" in err[0] and "row 2" in err[0]
 
     good_file = write_jsonl(image_dir / "rows.jsonl", image_rows())
-    for key in ("packing", "padding_free"):
-        with pytest.raises(ConfigError, match=f"'{key}' is true, but '.*' is a vision-language model"):
-            prepared(config_for(tiny_llava_dir, good_file, **{key: True}))
+    for strategy in ("bfd_split", "wrapped"):  # packing that cuts documents would cut images from their tokens
+        with pytest.raises(ConfigError, match=f"packing_strategy: {strategy} cuts documents, but the data has "
+                                              "images.*use packing_strategy: bfd"):
+            prepared(config_for(tiny_llava_dir, good_file, packing=True, packing_strategy=strategy))
 
 
 def test_training_lowers_the_loss_and_the_saved_model_reloads(tiny_llava_dir, image_dir, tmp_path):

@@ -16,9 +16,8 @@ Two layouts:
 Every batch also carries `source_ids`, aligned with `targets`: the source dataset of the document each target
 belongs to, -1 where there is no target. It is for per-source loss reports.
 
-Rows with images (vision-language models) are padded batches plus what the processor's image processor makes of
-the batch's images, in the order of their tokens: `pixel_values` and whatever else it returns (image sizes,
-pixel masks). Pixels are made here, per batch, so the prepared data holds only references to the images.
+A vision-language model's rows take the same layouts plus its images and other inputs (vision_batches.py);
+pixels are made per batch, so the prepared data holds only references to the images.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 
 from sftune.config import SFTConfig
-from sftune.data.images import load_image
 from sftune.data.render import IGNORE_INDEX
 
 
@@ -116,27 +114,18 @@ def row_batches(rows: list[dict[str, Any]], pad_token_id: int) -> list[dict[str,
     return [position_batch([row], pad_token_id, join=True) for row in rows]
 
 
-def image_batch(rows: list[dict[str, Any]], pad_token_id: int, image_processor: Any) -> dict[str, torch.Tensor]:
-    """A padded batch, with the image processor's tensors for the rows' images (one list per row that has any)."""
-    batch = pad_batch(rows, pad_token_id)
-    images = [[load_image(ref) for ref in row["images"]] for row in rows if row.get("images")]
-    if images:
-        pixels = image_processor(images, return_tensors="pt")
-        batch.update({name: value for name, value in pixels.items() if isinstance(value, torch.Tensor)})
-    return batch
-
-
 Collated = dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]
 
 
 def use_padding_free(config: SFTConfig, processor: Any, on_gpu: bool, sharded: bool) -> bool:
     """padding_free as set, or, when unset, wherever it is the faster way to the same update: with FlashAttention
     (one joined row, varlen kernel), and on CPU, where a padded position costs as much as a real one and keeps its
-    activations for backward. Not for images (never joined), nor for sdpa/eager on a GPU (rows one at a time
-    underfeed it) or under FSDP/DeepSpeed (every rank must run the same number of forwards)."""
+    activations for backward; rows with images alike (issue 14: each document keeps its own images and positions).
+    Not for sdpa/eager on a GPU (rows one at a time underfeed it) or under FSDP/DeepSpeed (every rank must run the
+    same number of forwards)."""
     if config.padding_free is not None:
         return config.padding_free
-    if processor is not None or config.packing:
+    if config.packing:
         return False
     if "flash" in (config.attn_implementation or ""):
         return True
@@ -152,10 +141,13 @@ def make_collator(config: SFTConfig, tokenizer: Any, processor: Any = None,
     pad = pad if pad is not None else 0
     flash = "flash" in (config.attn_implementation or "")  # flash_attention_2/3, hub flash kernels
     free = bool(config.padding_free) if padding_free is None else padding_free
-    if free and not flash and processor is None:
+    if processor is not None:  # vision (issue 14): the same layouts, plus images and the processor's other inputs
+        from sftune.data.vision_batches import vision_collator
+        from sftune.data.vision_inputs import vision_inputs_of
+
+        return vision_collator(vision_inputs_of(processor), pad, config.packing, free, flash)
+    if free and not flash:
         return partial(row_batches, pad_token_id=pad)
     if config.packing or free:
         return partial(position_batch, pad_token_id=pad, join=free or flash)
-    if processor is not None:
-        return partial(image_batch, pad_token_id=pad, image_processor=processor.image_processor)
     return partial(pad_batch, pad_token_id=pad)

@@ -30,7 +30,7 @@ import numpy as np
 from sftune import __version__
 from sftune.config import SFTConfig
 from sftune.data.formats import apply_formatting_func, detect_format, is_conversation, normalise, rename_columns
-from sftune.data.images import check_processor_inputs, processor_fingerprint
+from sftune.data.images import processor_fingerprint
 from sftune.data.pack import plan_packing
 from sftune.data.render import CHECKS, IGNORE_INDEX, ExampleTokenizer, Tokenized
 from sftune.data.rows import Documents, RowStore
@@ -155,8 +155,6 @@ class _Inputs:
 
 def _open_inputs(config: SFTConfig, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
                  formatting_func: Callable | None, processor: Any = None) -> _Inputs:
-    if processor is not None:
-        refuse_packing(config)
     if processor is not None and getattr(processor, "chat_template", None) and not config.chat_template_path:
         tokenizer.chat_template = processor.chat_template  # the template that renders images
     changes = configure_tokenizer(tokenizer, config)
@@ -185,13 +183,13 @@ def _open_inputs(config: SFTConfig, tokenizer: Any, train_dataset: Any, eval_dat
     return _Inputs(specs, train, test, evaluation, formatting_func, stop_ids, fingerprint, processor)
 
 
-def refuse_packing(config: SFTConfig) -> None:
-    """Rows of a vision-language model are never joined: a packed row would have to carry each document's images
-    to the model in step with its image tokens, and the model would have to keep them apart; not done yet."""
-    for key in ("packing", "padding_free"):
-        if getattr(config, key):
-            raise ConfigError(f"config key '{key}' is true, but '{config.model_name_or_path}' is a vision-language "
-                              f"model, whose rows (and their images) sftune does not join yet: set {key}: false")
+def refuse_packing(config: SFTConfig, docs: Documents) -> None:
+    """(issue 14) Documents with images are packed whole, each with its own images: packing strategies that cut
+    documents (bfd_split, wrapped) would cut images from their tokens."""
+    if config.packing and config.packing_strategy != "bfd" and docs.images is not None and any(docs.images):
+        raise ConfigError(f"packing_strategy: {config.packing_strategy} cuts documents, but the data has images, "
+                          "which cannot be cut from their tokens: use packing_strategy: bfd (it packs each document "
+                          "whole, and drops rows whose images do not fit in max_length)")
 
 
 def _sync_processor_template(processor: Any, tokenizer: Any) -> None:
@@ -265,8 +263,10 @@ def _read_sources(inputs: _Inputs, config: SFTConfig) -> list[_Source]:
         fmt, examples = _normalised(rows, spec, config, inputs.formatting_func)
         sources.append(_Source("eval_dataset", fmt, rows, [], np.zeros(0, dtype=np.int64), rows, examples,
                                np.arange(len(examples))))
-    if inputs.processor is not None and any("images" in e for s in sources for e in s.train + s.eval):
-        check_processor_inputs(inputs.processor)
+    if inputs.processor is not None:
+        from sftune.data.vision_inputs import vision_inputs_of
+
+        vision_inputs_of(inputs.processor)  # refuses, by name, a model input sftune cannot build
     return sources
 
 
@@ -304,7 +304,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
     checks = {name: {"rows": 0, "examples": []} for name in CHECKS}
     dropped: dict[str, int] = {}
     dropped_from_training: dict[str, int] = {}
-    counters = {"rows_checked": 0, "turns_checked": 0, "rows_truncated": 0, "images": 0}
+    counters = {"rows_checked": 0, "turns_checked": 0, "rows_truncated": 0, "images": 0, "image_tokens": 0}
     kept: dict[tuple[int, str], list[tuple[int, Tokenized]]] = {}
     for (s, split, i), result in zip(jobs, results):
         source = sources[s]
@@ -331,6 +331,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
                 dropped_from_training[reason] = dropped_from_training.get(reason, 0) + 1
             continue
         counters["images"] += len(result.images or ())
+        counters["image_tokens"] += sum(result.image_tokens or ())
         kept.setdefault((s, split), []).append((index, result))
 
     documents = []
@@ -342,6 +343,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
                 [r.ids for _, r in items], [r.labels for _, r in items],
                 np.full(len(items), s, dtype=np.int32), np.array([i for i, _ in items], dtype=np.int64),
                 [r.images or [] for _, r in items] if any(r.images is not None for _, r in items) else None,
+                [r.image_tokens or [] for _, r in items] if any(r.images is not None for _, r in items) else None,
             )
         documents.append(per_split)
     stats.update(counters, rows_dropped=dropped, template_checks=checks)
@@ -433,6 +435,7 @@ def _assemble(documents: list[dict[str, Documents]], weights: list[float | None]
 
     stores = []
     for docs in (train, evaluation):
+        refuse_packing(config, docs)
         if config.packing and len(docs):
             docs = docs.take(rng.permutation(len(docs)))  # so rows mix sources, and wrapped rows mix documents
             stores.append(RowStore.from_plan(docs, plan_packing(docs.lengths(), config.max_length,
@@ -444,14 +447,15 @@ def _assemble(documents: list[dict[str, Documents]], weights: list[float | None]
 
 
 def _join(parts: list[Documents]) -> Documents:
-    images = None
+    images = image_tokens = None
     if any(p.images is not None for p in parts):
         images = [refs for p in parts for refs in (p.images if p.images is not None else [[]] * len(p))]
+        image_tokens = [n for p in parts for n in (p.image_tokens if p.image_tokens is not None else [[]] * len(p))]
     return Documents(
         [x for p in parts for x in p.ids], [x for p in parts for x in p.labels],
         np.concatenate([p.source for p in parts]) if parts else np.zeros(0, dtype=np.int32),
         np.concatenate([p.index for p in parts]) if parts else np.zeros(0, dtype=np.int64),
-        images,
+        images, image_tokens,
     )
 
 
@@ -489,7 +493,7 @@ def _log_stats(stats: dict[str, Any]) -> None:
              stats["documents"], stats["tokens"], 100 * stats["trained_fraction"], stats["rows_truncated"],
              sum(dropped.values()), f" ({dropped_text})" if dropped else "")
     if stats.get("images"):
-        log.info("data: %d images in the kept rows", stats["images"])
+        log.info("data: %d images in the kept rows (%d image tokens)", stats["images"], stats.get("image_tokens", 0))
     if stats["packing"]:
         log.info("data: packed into %d rows of %d tokens (%.1f%% full)", stats["rows"], stats["packing"]["length"],
                  100 * stats["packing"]["efficiency"])

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sftune.data.render import IGNORE_INDEX
+from sftune.data.vision_inputs import multimodal_position_ids, uses_multimodal_positions
 
 # Tokens per chunk are chosen so that one chunk's fp32 logits hold about this many elements (256 MB).
 CHUNK_ELEMENTS = 1 << 26
@@ -208,6 +209,11 @@ class CausalLMWithLoss(nn.Module):
         backbone = getattr(causal_lm, causal_lm.base_model_prefix)
         # Image batches arrive in fp32; the vision tower computes in the model's dtype.
         model_inputs = {k: v.to(causal_lm.dtype) if v.is_floating_point() else v for k, v in model_inputs.items()}
+        if position_ids is not None and position_ids.ndim == 2 and uses_multimodal_positions(backbone):
+            # packed or padding-free rows on an M-RoPE model (Qwen-VL): each document's own multimodal positions
+            position_ids = multimodal_position_ids(backbone, input_ids, position_ids,
+                                                   model_inputs.get("mm_token_type_ids"),
+                                                   model_inputs.get("image_grid_thw"))
         hidden = backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
             **model_inputs,
