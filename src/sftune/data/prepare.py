@@ -101,6 +101,7 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
 
     sources = _read_sources(inputs, config)
     documents, stats = _tokenize_sources(sources, inputs, config, tokenizer)
+    refuse_packing(config, documents, inputs.processor)
     train, evaluation = _assemble(documents, [s.weight for s in sources], config, stats)
     stats["seconds"] = round(time.perf_counter() - started, 3)
     names = source_names(inputs.specs) + (["eval_dataset"] if inputs.eval_dataset is not None else [])
@@ -183,13 +184,23 @@ def _open_inputs(config: SFTConfig, tokenizer: Any, train_dataset: Any, eval_dat
     return _Inputs(specs, train, test, evaluation, formatting_func, stop_ids, fingerprint, processor)
 
 
-def refuse_packing(config: SFTConfig, docs: Documents) -> None:
-    """(issue 14) Documents with images are packed whole, each with its own images: packing strategies that cut
-    documents (bfd_split, wrapped) would cut images from their tokens."""
-    if config.packing and config.packing_strategy != "bfd" and docs.images is not None and any(docs.images):
+def refuse_packing(config: SFTConfig, documents: list[dict[str, Documents]], processor: Any) -> None:
+    """(issue 14) Packing documents with images, refused where it would be wrong. Each document is packed whole
+    with its own images: strategies that cut documents (bfd_split, wrapped) would cut images from their tokens.
+    And a model whose processor marks image tokens in token_type_ids (Gemma 3's bidirectional attention within an
+    image) gets, in transformers 5.24, sliding-window masks that let a packed document see another's image blocks."""
+    if not config.packing or not any(d.images is not None and any(d.images) for s in documents for d in s.values()):
+        return
+    if config.packing_strategy != "bfd":
         raise ConfigError(f"packing_strategy: {config.packing_strategy} cuts documents, but the data has images, "
                           "which cannot be cut from their tokens: use packing_strategy: bfd (it packs each document "
                           "whole, and drops rows whose images do not fit in max_length)")
+    from sftune.data.vision_inputs import vision_inputs_of
+
+    if "token_type_ids" in vision_inputs_of(processor).text_inputs:
+        raise ConfigError(f"packing: true, but {type(processor).__name__}'s model attends bidirectionally within "
+                          "each image (token_type_ids), and transformers' masks for it let packed documents see each "
+                          "other's images: set packing: false (padding_free, the default on CPU, keeps rows apart)")
 
 
 def _sync_processor_template(processor: Any, tokenizer: Any) -> None:
@@ -435,7 +446,6 @@ def _assemble(documents: list[dict[str, Documents]], weights: list[float | None]
 
     stores = []
     for docs in (train, evaluation):
-        refuse_packing(config, docs)
         if config.packing and len(docs):
             docs = docs.take(rng.permutation(len(docs)))  # so rows mix sources, and wrapped rows mix documents
             stores.append(RowStore.from_plan(docs, plan_packing(docs.lengths(), config.max_length,
