@@ -42,10 +42,11 @@ def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int 
     colour = out.isatty()
     shown = 0
     for docs, source in zip(documents, sources):
-        for ids, labels, index in zip(docs.ids, docs.labels, docs.index):
+        for number, (ids, labels, index) in enumerate(zip(docs.ids, docs.labels, docs.index)):
             if shown >= num_examples:
                 break
-            print(f"\n--- example {shown + 1}: {source.where(int(index))} ---", file=out)
+            images = image_note(docs.image_tokens[number]) if docs.image_tokens is not None else ""
+            print(f"\n--- example {shown + 1}: {source.where(int(index))}{images} ---", file=out)
             print(highlight(tokenizer, ids, labels, colour), file=out)
             shown += 1
     if jsonl:
@@ -62,6 +63,9 @@ def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfi
         f"tokens: {stats['tokens']:,} ({stats['trained_tokens']:,} trained: {100 * stats['trained_fraction']:.1f}%)",
         "document length in tokens: " + ", ".join(f"{k} {v}" for k, v in stats["length_percentiles"].items()),
     ]
+    if stats.get("images"):
+        lines.append(f"images: {stats['images']} in the kept rows, {stats['image_tokens']:,} image tokens "
+                     f"({stats['image_tokens'] / stats['images']:.1f} per image)")
     if stats["packing"]:
         packing = stats["packing"]
         lines.append(f"packing: {packing['strategy']}, {stats['documents']} documents in {stats['rows']} rows of "
@@ -89,6 +93,14 @@ def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfi
     else:
         lines.insert(0, f"dataset: {config.dataset_name} ({stats['format']}, {stats['sources'][0]['rows_read']} rows)")
     return lines
+
+
+def image_note(tokens: list[int]) -> str:
+    """How many tokens each of a row's images takes (vision-language data)."""
+    if not tokens:
+        return ", no images"
+    counts = " + ".join(str(n) for n in tokens)
+    return f", {len(tokens)} image{'s' if len(tokens) > 1 else ''}: {counts} image tokens"
 
 
 def padding_waste(rows: list[dict[str, Any]], config: SFTConfig) -> float:
