@@ -213,3 +213,18 @@ def test_a_changed_image_file_prepares_the_data_again(tiny_llava_dir, image_dir,
     assert prepared(config)[0].stats.get("cached")
     random_images(1, seed=9)[0].save(tmp_path / "img" / "3.png")  # the data file is the same; an image is not
     assert not prepared(config)[0].stats.get("cached")
+
+
+def test_inspect_shows_the_image_tokens_of_each_row(tiny_llava_dir, image_dir):
+    import io
+
+    from sftune.inspect import inspect_data
+
+    rows = image_rows() + [{"messages": [user("hello there"), assistant(ANSWERS[0])]}]
+    out = io.StringIO()
+    inspect_data(config_for(tiny_llava_dir, write_jsonl(image_dir / "inspect.jsonl", rows)), num_examples=4, out=out)
+    text = out.getvalue()
+    assert "images: 4 in the kept rows, 16 image tokens (4.0 per image)" in text
+    assert "inspect.jsonl row 1, 1 image: 4 image tokens ---" in text
+    assert "inspect.jsonl row 3, 2 images: 4 + 4 image tokens ---" in text
+    assert "inspect.jsonl row 4, no images ---" in text

@@ -60,10 +60,12 @@ class Trainer:
 
         loss_model = CausalLMWithLoss(model, config.loss_type, config.loss_chunk_size)
         loss_model.train()
-        if processor is not None and self.world_size > 1:  # vision (issue 14): ranks without images keep in step
+        if processor is not None and self.world_size > 1 and not sharded.is_sharded(accelerator):
+            # vision (issue 14): under DDP, processes whose micro-batch has no images keep in step
             from sftune.training.vision import prepare_data_parallel
 
-            loss_model.to(accelerator.device)
+            if next(loss_model.parameters()).device != accelerator.device:  # quantized models are placed already
+                loss_model.to(accelerator.device)
             prepare_data_parallel(loss_model, processor, collate, accelerator.device)
         if config.torch_compile:
             backbone = getattr(loss_model.causal_lm, loss_model.causal_lm.base_model_prefix)

@@ -41,8 +41,11 @@ class BlankImagePass:
         self.forwards = 0
 
     def needed(self, model_inputs: dict[str, torch.Tensor]) -> bool:
+        """A training forward without images (evaluation runs without gradients: nothing to keep in step)."""
+        if not torch.is_grad_enabled():
+            return False
         self.forwards += 1
-        needed = torch.is_grad_enabled() and not any(name in model_inputs for name in self.image_inputs)
+        needed = not any(name in model_inputs for name in self.image_inputs)
         self.passes += needed
         return needed
 
