@@ -7,25 +7,18 @@ import pytest
 import torch
 
 from conftest import IMAGE_TOKEN, random_images, write_jsonl
+from vision_families import assistant, user
 from sftune import SFTConfig, train
 from sftune.cli import main
 from sftune.data.collate import make_collator
 from sftune.data.images import load_image
 from sftune.data.prepare import prepare_train_data
 from sftune.data.render import IGNORE_INDEX
-from sftune.errors import ConfigError, DataError, UserError
+from sftune.errors import ConfigError, DataError
 from sftune.model.load import load_processor
 
 QUESTION = "what is this"
 ANSWERS = ["a cat on the mat", "a dog in the rain", "a red house", "blue river and green tree"]
-
-
-def user(*parts) -> dict:
-    return {"role": "user", "content": [{"type": "image"} if p is None else {"type": "text", "text": p} for p in parts]}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 @pytest.fixture(scope="module")

@@ -26,21 +26,13 @@ from sftune.data.render import IGNORE_INDEX
 from sftune.errors import ConfigError, UserError
 from sftune.model.load import load_processor
 from sftune.training.loss import CausalLMWithLoss
-from vision_families import FAMILIES
+from vision_families import FAMILIES, assistant, user
 
 # sizes (height, width) that Qwen's dynamic resolution turns into different numbers of tokens, and Idefics3 into
 # different crop layouts
 SIZES = [(40, 60), (90, 30), (64, 64), (30, 120), (50, 50), (70, 45)]
 ANSWERS = ["a cat on the mat", "a dog in the rain", "a red house", "blue river and green tree"]
 TURN_ENDS = {"gemma3": "<end_of_turn>", "idefics3": "<end_of_utterance>"}  # the others: ChatML's <|im_end|>
-
-
-def user(*parts) -> dict:
-    return {"role": "user", "content": [{"type": "image"} if p is None else {"type": "text", "text": p} for p in parts]}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 @pytest.fixture(scope="module")
@@ -213,9 +205,9 @@ def test_image_token_counts_come_from_the_image_size_without_pixels(family_dir, 
         seen_sizes = []
         make_pixels = type(processor.image_processor).__call__
 
-        def spy(self, images, *args, **kwargs):
-            seen_sizes.extend(tuple(image.size[::-1]) for group in images for image in
-                              (group if isinstance(group, list) else [group]))
+        def spy(self, images, *args, seen=seen_sizes, make_pixels=make_pixels, **kwargs):
+            seen.extend(tuple(image.size[::-1]) for group in images for image in
+                        (group if isinstance(group, list) else [group]))
             return make_pixels(self, images, *args, **kwargs)
 
         monkeypatch.setattr(type(processor.image_processor), "__call__", spy)

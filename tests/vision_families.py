@@ -20,6 +20,15 @@ from conftest import corpus
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3")
 
 
+def user(*parts) -> dict:
+    """A user message of parts: None for an image, text otherwise."""
+    return {"role": "user", "content": [{"type": "image"} if p is None else {"type": "text", "text": p} for p in parts]}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
 def family_tokenizer(special: list[str], **settings):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
