@@ -64,8 +64,9 @@ def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfi
         "document length in tokens: " + ", ".join(f"{k} {v}" for k, v in stats["length_percentiles"].items()),
     ]
     if stats.get("images"):
-        lines.append(f"images: {stats['images']} in the kept rows, {stats['image_tokens']:,} image tokens "
-                     f"({stats['image_tokens'] / stats['images']:.1f} per image)")
+        image_tokens = stats.get("image_tokens", 0)
+        lines.append(f"images: {stats['images']} in the kept rows, {image_tokens:,} image tokens "
+                     f"({image_tokens / stats['images']:.1f} per image)")
     if stats["packing"]:
         packing = stats["packing"]
         lines.append(f"packing: {packing['strategy']}, {stats['documents']} documents in {stats['rows']} rows of "

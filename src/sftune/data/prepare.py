@@ -43,7 +43,7 @@ from sftune.errors import ConfigError, DataError
 
 log = logging.getLogger("sftune")
 
-CACHE_LAYOUT = "1"  # bump when the prepared rows would differ for the same inputs
+CACHE_LAYOUT = "2"  # bump when the prepared rows would differ for the same inputs
 PARALLEL_MIN_ROWS = 2000  # below this, starting worker processes costs more than it saves
 EXAMPLES_PER_CHECK = 3
 SETTINGS = (  # every config field that changes the prepared rows
