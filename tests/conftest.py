@@ -106,7 +106,7 @@ def collator(config, tokenizer, processor=None, device_type: str = "cpu"):
     from sftune.batching import plan_batching
     from sftune.data.collate import make_collator
 
-    return make_collator(plan_batching(config, vision=processor is not None, device_type=device_type), tokenizer,
+    return make_collator(plan_batching(config, device_type=device_type), tokenizer,
                          processor)
 
 
@@ -234,3 +234,27 @@ def random_images(n: int, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (int(rng.integers(20, 60)), int(rng.integers(20, 60)), 3),
                                          dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """name -> the tiny checkpoint folder of that vision-language family (tests/vision_families.py), built once."""
+    from vision_families import save_family
+
+    built: dict[str, Path] = {}
+
+    def folder(name: str) -> Path:
+        if name not in built:
+            built[name] = save_family(name, tmp_path_factory.mktemp(f"tiny-{name}"))
+        return built[name]
+
+    return folder
+
+
+def sized_images(sizes: list[tuple[int, int]], seed: int = 0) -> list:
+    """Random PIL images of the given (height, width) sizes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]

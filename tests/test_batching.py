@@ -9,8 +9,8 @@ from sftune.batching import plan_batching
 from sftune.errors import ConfigError
 
 
-def plan(device_type: str = "cpu", engine: str = "single", processes: int = 1, vision: bool = False, **settings):
-    return plan_batching(SFTConfig(**settings), vision=vision, device_type=device_type, engine=engine,
+def plan(device_type: str = "cpu", engine: str = "single", processes: int = 1, **settings):
+    return plan_batching(SFTConfig(**settings), device_type=device_type, engine=engine,
                          num_processes=processes)
 
 
@@ -35,13 +35,6 @@ def test_layouts(settings, device, engine, layout, padding_free):
     chosen = plan(device, engine, 2 if engine != "single" else 1, **settings)
     assert (chosen.layout, chosen.padding_free) == (layout, padding_free)
     assert chosen.padding_free_chosen == ("padding_free" not in settings)
-
-
-def test_vision_models_are_padded_unless_told_otherwise():
-    assert plan(vision=True).layout == "padded" and not plan(vision=True).padding_free
-    for key in ("packing", "padding_free"):
-        with pytest.raises(ConfigError, match=f"config key '{key}' is true, but .* is a vision-language model"):
-            plan(vision=True, **{key: True})
 
 
 def test_rows_per_step_counts_every_process_and_micro_batch():

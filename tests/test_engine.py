@@ -131,7 +131,7 @@ def build_trainer(model_dir, train_rows, eval_rows, output_dir, source_names=("t
     config = config_for(model_dir, "unused", output_dir, **overrides)
     claim_output_dir(config, None)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    plan = plan_batching(config, vision=False, device_type="cpu")
+    plan = plan_batching(config, device_type="cpu")
     return Trainer(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, train_rows, eval_rows,
                    list(source_names), config, Accelerator(cpu=True), Path(output_dir), plan,
                    make_collator(plan, tokenizer)), tokenizer

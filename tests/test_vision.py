@@ -7,25 +7,17 @@ import pytest
 import torch
 
 from conftest import IMAGE_TOKEN, collator, random_images, write_jsonl
+from vision_families import assistant, user
 from sftune import SFTConfig, train
-from sftune.batching import plan_batching
 from sftune.cli import main
-from sftune.data.images import check_processor_inputs, load_image
+from sftune.data.images import load_image
 from sftune.data.prepare import prepare_train_data
 from sftune.data.render import IGNORE_INDEX
-from sftune.errors import ConfigError, DataError, UserError
+from sftune.errors import ConfigError, DataError
 from sftune.model.load import load_processor
 
 QUESTION = "what is this"
 ANSWERS = ["a cat on the mat", "a dog in the rain", "a red house", "blue river and green tree"]
-
-
-def user(*parts) -> dict:
-    return {"role": "user", "content": [{"type": "image"} if p is None else {"type": "text", "text": p} for p in parts]}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +71,7 @@ def test_image_tokens_and_padding_never_carry_loss(tiny_llava_dir, image_dir):
         assert (row["labels"][~images] == row["input_ids"][~images]).all()  # every other token is trained
 
     # the collator pads (no target, no attention) and makes the pixels of the batch's images, in order
-    batch, = collator(config_for(tiny_llava_dir, data_file), processor.tokenizer, processor)(rows)
+    batch, = collator(config_for(tiny_llava_dir, data_file, padding_free=False), processor.tokenizer, processor)(rows)
     assert batch["pixel_values"].shape[0] == 4
     expected = processor.image_processor([load_image(p) for r in rows for p in r["images"]], return_tensors="pt")
     torch.testing.assert_close(batch["pixel_values"], expected["pixel_values"])
@@ -115,15 +107,6 @@ def test_assistant_only_and_completion_only_masks(tiny_llava_dir, image_dir):
     assert trained_text(processor.tokenizer, row) == f"{ANSWERS[0]}<|im_end|>"
 
 
-def test_processors_needing_other_inputs_are_refused():
-    from types import SimpleNamespace
-
-    gemma_like = SimpleNamespace(model_input_names=["input_ids", "attention_mask", "pixel_values", "token_type_ids"],
-                                 image_processor=SimpleNamespace(model_input_names=["pixel_values"]))
-    with pytest.raises(UserError, match="needs the model inputs token_type_ids"):
-        check_processor_inputs(gemma_like)
-
-
 def test_a_row_too_long_for_its_images_is_dropped_and_counted(tiny_llava_dir, image_dir, caplog):
     rows = image_rows()[:2] + [{"images": ["img/4.png", "img/5.png", "img/0.png"],
                                 "messages": [user(" ".join(ANSWERS * 3), None, None, None), assistant(ANSWERS[0])]}]
@@ -146,7 +129,7 @@ def test_a_row_too_long_for_its_images_is_dropped_and_counted(tiny_llava_dir, im
         prepared(config_for(tiny_llava_dir, data_file, max_length=8))
 
 
-def test_missing_image_and_packing_are_clear_errors(tiny_llava_dir, image_dir, tmp_path, capsys):
+def test_missing_image_and_cutting_packing_are_clear_errors(tiny_llava_dir, image_dir, tmp_path, capsys):
     rows = image_rows()
     rows[1]["images"] = ["img/missing.png"]
     data_file = write_jsonl(image_dir / "missing.jsonl", rows)
@@ -160,12 +143,10 @@ def test_missing_image_and_packing_are_clear_errors(tiny_llava_dir, image_dir, t
     assert len(err) == 1 and "img/missing.png" in err[0] and "row 2" in err[0]
 
     good_file = write_jsonl(image_dir / "rows.jsonl", image_rows())
-    for key in ("packing", "padding_free"):  # refused by the batching plan, before the model loads
-        with pytest.raises(ConfigError, match=f"'{key}' is true, but '.*' is a vision-language model"):
-            plan_batching(config_for(tiny_llava_dir, good_file, **{key: True}), vision=True, device_type="cpu")
-        assert main(argv[:4] + [str(good_file), "--output_dir", str(tmp_path / key), f"--{key}", "true"]) == 2
-        assert "is a vision-language model" in capsys.readouterr().err
-        assert not (tmp_path / key).exists() or not any((tmp_path / key).iterdir())
+    for strategy in ("bfd_split", "wrapped"):  # packing that cuts documents would cut images from their tokens
+        with pytest.raises(ConfigError, match=f"packing_strategy: {strategy} cuts documents, but the data has "
+                                              "images.*use packing_strategy: bfd"):
+            prepared(config_for(tiny_llava_dir, good_file, packing=True, packing_strategy=strategy))
 
 
 def test_training_lowers_the_loss_and_the_saved_model_reloads(tiny_llava_dir, image_dir, tmp_path):
@@ -185,7 +166,7 @@ def test_training_lowers_the_loss_and_the_saved_model_reloads(tiny_llava_dir, im
     assert processor.chat_template == result.processor.chat_template
     reloaded = AutoModelForImageTextToText.from_pretrained(out)
     data, _ = prepared(config, None)  # from the cache
-    batch, = collator(config, processor.tokenizer, processor)(data.train_rows)
+    batch, = collator(SFTConfig(padding_free=False), processor.tokenizer, processor)(data.train_rows)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     result.model.eval()
     with torch.no_grad():
@@ -209,7 +190,7 @@ def test_pil_images_through_the_python_api(tiny_llava_dir, tmp_path):
     again, _ = prepared(config, dataset)
     assert again.stats.get("cached")
     assert [r["images"] for r in sorted(again.train_rows, key=lambda r: r["index"])] == [r["images"] for r in rows]
-    batch, = collator(config, processor.tokenizer, processor)(rows)
+    batch, = collator(SFTConfig(padding_free=False), processor.tokenizer, processor)(rows)
     expected = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch["pixel_values"], expected)
 
@@ -224,3 +205,18 @@ def test_a_changed_image_file_prepares_the_data_again(tiny_llava_dir, image_dir,
     assert prepared(config)[0].stats.get("cached")
     random_images(1, seed=9)[0].save(tmp_path / "img" / "3.png")  # the data file is the same; an image is not
     assert not prepared(config)[0].stats.get("cached")
+
+
+def test_inspect_shows_the_image_tokens_of_each_row(tiny_llava_dir, image_dir):
+    import io
+
+    from sftune.inspect import inspect_data
+
+    rows = image_rows() + [{"messages": [user("hello there"), assistant(ANSWERS[0])]}]
+    out = io.StringIO()
+    inspect_data(config_for(tiny_llava_dir, write_jsonl(image_dir / "inspect.jsonl", rows)), num_examples=4, out=out)
+    text = out.getvalue()
+    assert "images: 4 in the kept rows, 16 image tokens (4.0 per image)" in text
+    assert "inspect.jsonl row 1, 1 image: 4 image tokens ---" in text
+    assert "inspect.jsonl row 3, 2 images: 4 + 4 image tokens ---" in text
+    assert "inspect.jsonl row 4, no images ---" in text

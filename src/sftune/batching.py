@@ -65,23 +65,19 @@ class BatchingPlan:
         }[self.layout]
 
 
-def plan_batching(config: SFTConfig, vision: bool, device_type: str, engine: Engine = "single",
+def plan_batching(config: SFTConfig, device_type: str, engine: Engine = "single",
                   num_processes: int = 1) -> BatchingPlan:
-    """The plan for `config` on this machine. `vision`: the model is a vision-language model (its rows may carry
-    images, which are never joined). Raises ConfigError for combinations that cannot work."""
+    """The plan for `config` on this machine. Rows with images take the same layouts (each document keeps its
+    own images and positions: see data/vision_batches.py). Raises ConfigError for combinations that cannot work;
+    the few that depend on the rows themselves (packing that would cut a document's images) are refused by data
+    preparation, which also comes before the model loads."""
     flash = "flash" in (config.attn_implementation or "")  # flash_attention_2/3, hub flash kernels
     sharded = engine in ("fsdp", "deepspeed")
-    if vision:
-        for key in ("packing", "padding_free"):
-            if getattr(config, key):
-                raise ConfigError(
-                    f"config key '{key}' is true, but '{config.model_name_or_path}' is a vision-language model, "
-                    f"whose rows (and their images) sftune does not join yet: set {key}: false")
     if config.group_by_length and config.packing:
         raise ConfigError("config keys 'group_by_length' and 'packing' are both true: packed rows are all "
                           "max_length long, so there is nothing to group; keep one of them")
     chosen = config.padding_free is None
-    padding_free = _default_padding_free(config, vision, flash, device_type, sharded) if chosen \
+    padding_free = _default_padding_free(config, flash, device_type, sharded) if chosen \
         else bool(config.padding_free)
     if padding_free and flash:
         layout: Layout = "joined"
@@ -100,13 +96,12 @@ def plan_batching(config: SFTConfig, vision: bool, device_type: str, engine: Eng
                         config.gradient_accumulation_steps, num_processes, engine, device_type)
 
 
-def _default_padding_free(config: SFTConfig, vision: bool, flash: bool, device_type: str, sharded: bool) -> bool:
+def _default_padding_free(config: SFTConfig, flash: bool, device_type: str, sharded: bool) -> bool:
     """Unset padding_free is on wherever it is the faster way to the same update: with FlashAttention (one joined
     row, varlen kernel), and on CPU, where a padded position costs as much as a real one and keeps its activations
-    for backward. Off for vision-language models (images are never joined), with packing (rows are full already),
-    for sdpa/eager on a GPU (rows one at a time would underfeed it) and under FSDP/DeepSpeed (every process must
-    run the same number of forwards)."""
-    if vision or config.packing:
+    for backward. Off with packing (rows are full already), for sdpa/eager on a GPU (rows one at a time would
+    underfeed it) and under FSDP/DeepSpeed (every process must run the same number of forwards)."""
+    if config.packing:
         return False
     if flash:
         return True

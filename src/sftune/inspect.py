@@ -26,15 +26,14 @@ def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int 
     import torch
 
     from sftune.data.prepare import prepare_documents, prepare_train_data
-    from sftune.model.load import IMAGE_TEXT_TO_TEXT, load_processor, load_tokenizer, model_class_of
+    from sftune.model.load import load_processor, load_tokenizer
     from sftune.run import setup_logging
 
     out = out or sys.stdout  # the current one (a default argument would keep the one at import)
     config.check_ready_to_train()
     setup_logging()
     # as a single-process `sftune train` on this machine would batch the rows
-    plan = plan_batching(config, vision=model_class_of(config) == IMAGE_TEXT_TO_TEXT,
-                         device_type="cuda" if torch.cuda.is_available() else "cpu")
+    plan = plan_batching(config, device_type="cuda" if torch.cuda.is_available() else "cpu")
     processor = load_processor(config)  # None for text-only models
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
     data = prepare_train_data(config, tokenizer, processor=processor)
@@ -52,9 +51,11 @@ def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int 
     documents, sources = prepare_documents(config, tokenizer, limit=None if jsonl else wanted, processor=processor)
     examples = [(source.where(int(index)), ids, labels) for docs, source in zip(documents, sources)
                 for ids, labels, index in zip(docs.ids, docs.labels, docs.index)][:wanted]
+    notes_of = [image_note(tokens) if docs.image_tokens is not None else "" for docs in documents
+                for tokens in (docs.image_tokens or [None] * len(docs))][:wanted]
     colour = out.isatty()
     for number, (where, ids, labels) in enumerate(examples[:shown_here], start=1):
-        print(f"\n--- example {number}: {where} ---", file=out)
+        print(f"\n--- example {number}: {where}{notes_of[number - 1]} ---", file=out)
         print(highlight(tokenizer, ids, labels, colour), file=out)
     if html:
         from sftune.report_html import Example, write_html_report
@@ -78,6 +79,10 @@ def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfi
         f"tokens: {stats['tokens']:,} ({stats['trained_tokens']:,} trained: {100 * stats['trained_fraction']:.1f}%)",
         "document length in tokens: " + ", ".join(f"{k} {v}" for k, v in stats["length_percentiles"].items()),
     ]
+    if stats.get("images"):
+        image_tokens = stats.get("image_tokens", 0)
+        lines.append(f"images: {stats['images']} in the kept rows, {image_tokens:,} image tokens "
+                     f"({image_tokens / stats['images']:.1f} per image)")
     if stats["packing"]:
         packing = stats["packing"]
         lines.append(f"packing: {packing['strategy']}, {stats['documents']} documents in {stats['rows']} rows of "
@@ -103,6 +108,14 @@ def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfi
     else:
         lines.insert(0, f"dataset: {config.dataset_name} ({stats['format']}, {stats['sources'][0]['rows_read']} rows)")
     return lines + inspect_lines(stats)
+
+
+def image_note(tokens: list[int]) -> str:
+    """How many tokens each of a row's images takes (vision-language data)."""
+    if not tokens:
+        return ", no images"
+    counts = " + ".join(str(n) for n in tokens)
+    return f", {len(tokens)} image{'s' if len(tokens) > 1 else ''}: {counts} image tokens"
 
 
 def padding_waste(rows: list[dict[str, Any]], config: SFTConfig, plan: BatchingPlan) -> float:

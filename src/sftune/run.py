@@ -135,7 +135,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     from sftune.model.liger import check_liger
     from sftune.data.collate import make_collator
     from sftune.model.load import (
-        IMAGE_TEXT_TO_TEXT, check_model_files, load_model, load_processor, load_tokenizer, model_class_of,
+        check_model_files, load_model, load_processor, load_tokenizer,
     )
     from sftune.training import sharded
     from sftune.training.checkpoint import list_checkpoints, resolve_resume_path
@@ -164,8 +164,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
 
     check_model_files(config)  # a missing or pickled checkpoint fails before the data is prepared
     check_liger(config)
-    plan = plan_batching(config, vision=model_class_of(config) == IMAGE_TEXT_TO_TEXT,
-                         device_type=accelerator.device.type, engine=sharded.engine_of(accelerator),
+    plan = plan_batching(config, device_type=accelerator.device.type, engine=sharded.engine_of(accelerator),
                          num_processes=accelerator.num_processes)  # impossible combinations fail here
     processor = load_processor(config)  # None for text-only models
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)

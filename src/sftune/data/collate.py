@@ -15,9 +15,8 @@ The batching plan (batching.py) names the layout; this module builds it:
 Every batch also carries `source_ids`, aligned with `targets`: the source dataset of the document each target
 belongs to, -1 where there is no target. It is for per-source loss reports.
 
-Rows with images (vision-language models) are padded batches plus what the processor's image processor makes of
-the batch's images, in the order of their tokens: `pixel_values` and whatever else it returns (image sizes,
-pixel masks). Pixels are made here, per batch, so the prepared data holds only references to the images.
+A vision-language model's rows take the same layouts plus its images and other inputs (vision_batches.py);
+pixels are made per batch, so the prepared data holds only references to the images.
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sftune.data.images import load_image
-from sftune.data.render import IGNORE_INDEX
 from sftune.batching import BatchingPlan
+from sftune.data.render import IGNORE_INDEX
 
 Rows = list[dict[str, Any]]
 Batch = dict[str, torch.Tensor]
@@ -112,27 +110,19 @@ def _positions(lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(np.sum(lengths)), dtype=np.int64) - starts
 
 
-def image_batch(rows: list[dict[str, Any]], pad_token_id: int, image_processor: Any) -> dict[str, torch.Tensor]:
-    """A padded batch, with the image processor's tensors for the rows' images (one list per row that has any)."""
-    batch = pad_batch(rows, pad_token_id)
-    images = [[load_image(ref) for ref in row["images"]] for row in rows if row.get("images")]
-    if images:
-        pixels = image_processor(images, return_tensors="pt")
-        batch.update({name: value for name, value in pixels.items() if isinstance(value, torch.Tensor)})
-    return batch
-
-
 def make_collator(plan: BatchingPlan, tokenizer: Any, processor: Any = None) -> Callable[[Rows], list[Batch]]:
     """The micro-batch builder for `plan` (`processor`: a vision-language model's). It always returns a list: the
     micro-batches the loop runs one after another for these rows (one, except in the `rows` layout)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = pad if pad is not None else 0
+    if processor is not None:  # the same layouts, plus the images and the processor's other inputs
+        from sftune.data.vision_batches import vision_collator
+        from sftune.data.vision_inputs import vision_inputs_of
+
+        return vision_collator(vision_inputs_of(processor), pad, plan.layout)
     if plan.layout == "rows":
         return lambda rows: [position_batch([row], pad, join=True) for row in rows]
     if plan.layout in ("packed", "joined"):
         join = plan.layout == "joined"
         return lambda rows: [position_batch(rows, pad, join=join)]
-    if processor is not None:
-        image_processor = processor.image_processor
-        return lambda rows: [image_batch(rows, pad, image_processor)]
     return lambda rows: [pad_batch(rows, pad)]

@@ -16,7 +16,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from sftune.errors import DataError, UserError
+from sftune.errors import DataError
 
 ImageRef = Any  # str (a file path) | bytes | PIL.Image.Image
 
@@ -151,20 +151,3 @@ def processor_fingerprint(processor: Any) -> str:
     settings.pop("chat_template", None)
     text = json.dumps({"class": type(processor).__name__, "settings": settings}, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-
-TEXT_INPUTS = ("input_ids", "attention_mask")
-
-
-def check_processor_inputs(processor: Any) -> None:
-    """The collator builds the token inputs and calls the image processor for the rest: a processor whose model
-    needs other inputs made from the text (Gemma 3's token_type_ids, Qwen2-VL's mm_token_type_ids) is refused
-    rather than trained on without them."""
-    image_inputs = set(getattr(processor.image_processor, "model_input_names", ()))
-    missing = [name for name in processor.model_input_names if name not in image_inputs and name not in TEXT_INPUTS]
-    if missing:
-        raise UserError(
-            f"training on images with {type(processor).__name__} needs the model inputs {', '.join(missing)}, "
-            "which sftune does not build yet; processors whose image inputs all come from their image processor "
-            "(such as LLaVA's) are supported"
-        )

@@ -31,7 +31,7 @@ from sftune.config import SFTConfig
 from sftune.data import doctor
 from sftune.data.doctor_report import log_findings
 from sftune.data.formats import apply_formatting_func, detect_format, is_conversation, normalise, rename_columns
-from sftune.data.images import check_processor_inputs, processor_fingerprint
+from sftune.data.images import processor_fingerprint
 from sftune.data.pack import plan_packing
 from sftune.data.render import CHECKS, IGNORE_INDEX, ExampleTokenizer, Tokenized
 from sftune.data.rows import Documents, RowStore
@@ -39,13 +39,13 @@ from sftune.data.sources import (
     DatasetSpec, OpenedSplit, SourceRows, dataset_specs, draw_rows, hold_out, mixture_counts, open_split,
     source_names,
 )
-from sftune.errors import DataError
+from sftune.errors import ConfigError, DataError
 from sftune.paths import VERSION, cache_dir
 from sftune.tokenizer import shaped_tokenizer, stop_token_ids, with_default_template
 
 log = logging.getLogger("sftune")
 
-CACHE_LAYOUT = "2"  # bump when the prepared rows would differ for the same inputs
+CACHE_LAYOUT = "3"  # bump when the prepared rows would differ for the same inputs
 PARALLEL_MIN_ROWS = 2000  # below this, starting worker processes costs more than it saves
 EXAMPLES_PER_CHECK = 3
 SETTINGS = (  # every config field that changes the prepared rows
@@ -109,6 +109,7 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
 
     sources = _read_sources(inputs, config)
     documents, stats = _tokenize_sources(sources, inputs, config, check_data=check_data)
+    refuse_packing(config, documents, inputs.processor)
     train, evaluation = _assemble(documents, [s.weight for s in sources], config, stats)
     stats["seconds"] = round(time.perf_counter() - started, 3)
     names = source_names(inputs.specs) + (["eval_dataset"] if inputs.eval_dataset is not None else [])
@@ -189,6 +190,25 @@ def _open_inputs(config: SFTConfig, tokenizer: Any, train_dataset: Any, eval_dat
     return _Inputs(specs, train, test, evaluation, formatting_func, stop_ids, fingerprint, tokenizer, processor)
 
 
+def refuse_packing(config: SFTConfig, documents: list[dict[str, Documents]], processor: Any) -> None:
+    """(issue 14) Packing documents with images, refused where it would be wrong. Each document is packed whole
+    with its own images: strategies that cut documents (bfd_split, wrapped) would cut images from their tokens.
+    And a model whose processor marks image tokens in token_type_ids (Gemma 3's bidirectional attention within an
+    image) gets, in transformers 5.24, sliding-window masks that let a packed document see another's image blocks."""
+    if not config.packing or not any(d.images is not None and any(d.images) for s in documents for d in s.values()):
+        return
+    if config.packing_strategy != "bfd":
+        raise ConfigError(f"packing_strategy: {config.packing_strategy} cuts documents, but the data has images, "
+                          "which cannot be cut from their tokens: use packing_strategy: bfd (it packs each document "
+                          "whole, and drops rows whose images do not fit in max_length)")
+    from sftune.data.vision_inputs import vision_inputs_of
+
+    if "token_type_ids" in vision_inputs_of(processor).text_inputs:
+        raise ConfigError(f"packing: true, but {type(processor).__name__}'s model attends bidirectionally within "
+                          "each image (token_type_ids), and transformers' masks for it let packed documents see each "
+                          "other's images: set packing: false (padding_free, the default on CPU, keeps rows apart)")
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     digest = hashlib.blake2b(digest_size=16)
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -254,8 +274,10 @@ def _read_sources(inputs: _Inputs, config: SFTConfig) -> list[_Source]:
         fmt, examples = _normalised(rows, spec, config, inputs.formatting_func)
         sources.append(_Source("eval_dataset", fmt, rows, [], np.zeros(0, dtype=np.int64), rows, examples,
                                np.arange(len(examples))))
-    if inputs.processor is not None and any("images" in e for s in sources for e in s.train + s.eval):
-        check_processor_inputs(inputs.processor)
+    if inputs.processor is not None:
+        from sftune.data.vision_inputs import vision_inputs_of
+
+        vision_inputs_of(inputs.processor)  # refuses, by name, a model input sftune cannot build
     return sources
 
 
@@ -293,7 +315,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
     checks = {name: {"rows": 0, "examples": []} for name in CHECKS}
     dropped: dict[str, int] = {}
     dropped_from_training: dict[str, int] = {}
-    counters = {"rows_checked": 0, "turns_checked": 0, "rows_truncated": 0, "images": 0}
+    counters = {"rows_checked": 0, "turns_checked": 0, "rows_truncated": 0, "images": 0, "image_tokens": 0}
     kept: dict[tuple[int, str], list[tuple[int, Tokenized]]] = {}
     for (s, split, i), result in zip(jobs, results):
         source = sources[s]
@@ -320,6 +342,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
                 dropped_from_training[reason] = dropped_from_training.get(reason, 0) + 1
             continue
         counters["images"] += len(result.images or ())
+        counters["image_tokens"] += sum(result.image_tokens or ())
         kept.setdefault((s, split), []).append((index, result))
 
     stats["doctor"] = _examine(kept, sources, config) if check_data else None
@@ -335,6 +358,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
                 [r.ids for _, r in items], [r.labels for _, r in items],
                 np.full(len(items), s, dtype=np.int32), np.array([i for i, _ in items], dtype=np.int64),
                 [r.images or [] for _, r in items] if any(r.images is not None for _, r in items) else None,
+                [r.image_tokens or [] for _, r in items] if any(r.images is not None for _, r in items) else None,
             )
         documents.append(per_split)
     stats.update(counters, rows_dropped=dropped, template_checks=checks)
@@ -480,14 +504,15 @@ def _assemble(documents: list[dict[str, Documents]], weights: list[float | None]
 
 
 def _join(parts: list[Documents]) -> Documents:
-    images = None
+    images = image_tokens = None
     if any(p.images is not None for p in parts):
         images = [refs for p in parts for refs in (p.images if p.images is not None else [[]] * len(p))]
+        image_tokens = [n for p in parts for n in (p.image_tokens if p.image_tokens is not None else [[]] * len(p))]
     return Documents(
         [x for p in parts for x in p.ids], [x for p in parts for x in p.labels],
         np.concatenate([p.source for p in parts]) if parts else np.zeros(0, dtype=np.int32),
         np.concatenate([p.index for p in parts]) if parts else np.zeros(0, dtype=np.int64),
-        images,
+        images, image_tokens,
     )
 
 
@@ -533,7 +558,7 @@ def _log_stats(stats: dict[str, Any]) -> None:
              stats["documents"], stats["tokens"], 100 * stats["trained_fraction"], stats["rows_truncated"],
              sum(dropped.values()), f" ({dropped_text})" if dropped else "")
     if stats.get("images"):
-        log.info("data: %d images in the kept rows", stats["images"])
+        log.info("data: %d images in the kept rows (%d image tokens)", stats["images"], stats.get("image_tokens", 0))
     if stats["packing"]:
         log.info("data: packed into %d rows of %d tokens (%.1f%% full)", stats["rows"], stats["packing"]["length"],
                  100 * stats["packing"]["efficiency"])

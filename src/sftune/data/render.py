@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from sftune.config import SFTConfig
-from sftune.data.images import load_image
+from sftune.data.image_tokens import ImagePlaceholders, PlaceholderCountError, image_size, vision_token_ids
 from sftune.data.template import TemplateShape, analyse_template, content_text, render
-from sftune.tokenizer import special_prefix_ids
 from sftune.errors import UserError
+from sftune.tokenizer import special_prefix_ids
 
 IGNORE_INDEX = -100
 CHARS_PER_TOKEN_BOUND = 8  # text this many characters per max_length token long surely holds max_length tokens
@@ -47,6 +47,7 @@ class Tokenized:
     checked_turns: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)  # (check name, what and where in the row)
     images: list | None = None  # image references, in the order of their tokens (rows with images)
+    image_tokens: list[int] | None = None  # tokens each image takes, delimiters included
     error: str | None = None  # a problem with the row that stops preparation (the caller adds where it is)
     fingerprint: Any = None  # the data doctor's summary of the example (doctor.py)
 
@@ -80,8 +81,8 @@ class ExampleTokenizer:
     def __init__(self, tokenizer: Any, config: SFTConfig, stop_ids: set[int], processor: Any = None):
         self.tokenizer = tokenizer
         self.processor = processor  # a vision-language model's: expands each image into its tokens
-        self.image_token_ids = [i for i in getattr(processor, "image_token_ids", [None]) if i is not None] \
-            if processor is not None else []
+        self._placeholders: ImagePlaceholders | None = None
+        self._vision_id_sets: dict[str | None, list[int]] = {}
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         if self.backend is not None:
             self.backend.no_truncation()  # transformers sets these per call; we call the backend directly
@@ -235,9 +236,24 @@ class ExampleTokenizer:
             self._finish(job, text, encoding, prompt_ids)
         return results
 
+    @property
+    def placeholders(self) -> ImagePlaceholders:
+        """What each image placeholder becomes (learned from the processor once, when a row first has images)."""
+        if self._placeholders is None:
+            self._placeholders = ImagePlaceholders(self.processor)
+        return self._placeholders
+
+    def _vision_ids(self, shape: TemplateShape) -> list[int]:
+        """Image tokens and vision delimiters (of the template's image text and the processor's replacements)."""
+        if shape.image_text not in self._vision_id_sets:
+            texts = [shape.image_text or ""] + self.placeholders.probe_texts
+            self._vision_id_sets[shape.image_text] = vision_token_ids(self.tokenizer, texts)
+        return self._vision_id_sets[shape.image_text]
+
     def _expand_images(self, job: _Job) -> bool:
-        """Expand each image's placeholder into the model's image tokens, through the processor (which decides
-        how many tokens an image becomes); the turns and the inference prompt follow. False: the row has an error."""
+        """Expand each image's placeholder into the model's image tokens, as the processor would, from the image's
+        size alone (image_tokens.py: no pixels are made); the turns and the inference prompt follow. False: the
+        row has an error."""
         if self.processor is None:
             job.result.error = ("the row has images, but the model is not a vision-language model (it has no "
                                 "processor): use an image-text-to-text model, or drop the images")
@@ -246,24 +262,18 @@ class ExampleTokenizer:
             job.result.error = ("the chat template writes nothing for an image part ({\"type\": \"image\"}): "
                                 "use the processor's chat template (check chat_template_path)")
             return False
-        loaded = [load_image(ref) for ref in job.images]
         try:
-            out = self.processor(text=[job.text], images=[loaded], return_text_replacement_offsets=True,
-                                 add_special_tokens=False)
+            replacements = self.placeholders.expand(job.text, [image_size(ref) for ref in job.images])
+        except PlaceholderCountError as err:
+            job.result.error = str(err)
+            return False
         except ValueError as err:
             job.result.error = f"the processor refused the row ({_first_line(err)})"
             return False
-        if "text_replacement_offsets" not in out:
-            raise UserError(f"{type(self.processor).__name__} does not report where it puts the image tokens "
-                            "(return_text_replacement_offsets): training on images needs a processor that does")
-        replacements = out["text_replacement_offsets"][0]
-        if len(replacements) != len(job.images):
-            job.result.error = (f"the chat template wrote {len(replacements)} image placeholder(s) "
-                                f"({self.processor.image_token!r}) for {len(job.images)} image(s)")
-            return False
         original = job.text
         job.text = _replaced(original, replacements)
-        job.image_spans = [tuple(r["new_span"]) for r in replacements]
+        job.image_spans = [_image_span(original, r, job.shape.image_text, self.placeholders.placeholder)
+                           for r in replacements]
         job.turns = [_Turn(t.message, _moved(t.start, replacements), _moved(t.end, replacements), t.prompt_found,
                            t.stop_found) for t in job.turns]
         if job.prompt is not None and original.startswith(job.prompt):
@@ -296,8 +306,8 @@ class ExampleTokenizer:
         image_ranges = [(int(a), int(b) + 1) for a, b in zip(first[n:], last[n:])]
         for a, b in image_ranges:
             labels[a:b] = IGNORE_INDEX
-        if self.image_token_ids:
-            labels[np.isin(ids, self.image_token_ids)] = IGNORE_INDEX
+        if job.images:  # image tokens and vision delimiters are read, never written: never trained anywhere
+            labels[np.isin(ids, self._vision_ids(job.shape))] = IGNORE_INDEX
         kept = self._kept_tokens(len(ids))
         if any(a < kept.start or b > kept.stop for a, b in image_ranges):
             result.drop = "image_beyond_max_length"  # a cut image (or one cut off) would not match its tokens
@@ -305,6 +315,8 @@ class ExampleTokenizer:
         cut = len(text) < len(full_text) or kept != slice(0, len(ids))
         result.ids, result.labels, result.truncated = ids[kept], labels[kept], cut
         result.images = job.images
+        if job.images is not None:
+            result.image_tokens = [b - a for a, b in image_ranges]
         for number, turn in enumerate(turns):
             where = f"message {turn.message + 1}"
             if not has_tokens[number]:
@@ -416,6 +428,18 @@ def _replaced(text: str, replacements: list[dict[str, Any]]) -> str:
         pieces += [text[position:start], r["replacement"]]
         position = end
     return "".join(pieces) + text[position:]
+
+
+def _image_span(original: str, replacement: dict[str, Any], image_text: str | None,
+                placeholder: str) -> tuple[int, int]:
+    """The text an image takes after expansion: the processor's replacement, widened to the template's whole image
+    text around the placeholder (as Qwen's <|vision_start|> and <|vision_end|> around <|image_pad|>)."""
+    start, end = replacement["new_span"]
+    before = image_text.find(placeholder) if image_text else -1
+    at = replacement["span"][0] - before
+    if before >= 0 and at >= 0 and original.startswith(image_text, at):
+        return start - before, end + len(image_text) - before - len(placeholder)
+    return start, end
 
 
 def _moved(position: int, replacements: list[dict[str, Any]]) -> int:

@@ -3,7 +3,8 @@
 A row as the rest of sftune sees it is a dict of views into these arrays:
   unpacked: {"input_ids", "labels", "index": int, "source": int}, and "images": [reference, ...] when the data
             has images (the images of the row's image tokens, in order; see images.py)
-  packed:   {"input_ids", "labels", "seq_lengths", "index": array, "source": array}  (one entry per document)
+  packed:   {"input_ids", "labels", "seq_lengths", "index": array, "source": array}  (one entry per document),
+            and "images": the images of its documents, in order, when the data has images
 `index` is the document's row in its source dataset and `source` the dataset's position in the config.
 """
 
@@ -31,6 +32,7 @@ class Documents:
     source: np.ndarray  # int32 per document
     index: np.ndarray  # int64 per document
     images: list[list] | None = None  # image references per document; None when no document has images
+    image_tokens: list[list[int]] | None = None  # tokens each of those images takes (with images only)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -41,7 +43,8 @@ class Documents:
     def take(self, order: np.ndarray) -> Documents:
         return Documents([self.ids[i] for i in order], [self.labels[i] for i in order],
                          self.source[order], self.index[order],
-                         None if self.images is None else [self.images[i] for i in order])
+                         None if self.images is None else [self.images[i] for i in order],
+                         None if self.image_tokens is None else [self.image_tokens[i] for i in order])
 
 
 @dataclass
@@ -54,7 +57,7 @@ class RowStore:
     doc_source: np.ndarray  # int32 per document
     doc_index: np.ndarray  # int64 per document
     packed: bool
-    images: list | None = None  # image references of all documents end to end (unpacked rows only)
+    images: list | None = None  # image references of all documents end to end
     image_offsets: np.ndarray | None = None  # int64, document d has images [image_offsets[d], image_offsets[d + 1])
 
     @classmethod
@@ -73,19 +76,24 @@ class RowStore:
 
     @classmethod
     def from_plan(cls, docs: Documents, plan: list[list[Segment]]) -> RowStore:
-        if docs.images is not None:
-            raise ValueError("rows with images are not packed")  # refused with a config error before this
         segments = [segment for row in plan for segment in row]
         which = np.fromiter((d for d, _, _ in segments), dtype=np.int64, count=len(segments))
         seg_lengths = np.fromiter((e - s for _, s, e in segments), dtype=np.int64, count=len(segments))
         row_lengths = np.fromiter((sum(e - s for _, s, e in row) for row in plan), dtype=np.int64, count=len(plan))
+        images = image_offsets = None
+        if docs.images is not None:  # each document whole, with its images (prepare.refuse_packing)
+            if any(docs.images[d] and (s != 0 or e != len(docs.ids[d])) for d, s, e in segments):
+                raise ValueError("a document with images was cut by packing")
+            images = [ref for d, _, _ in segments for ref in docs.images[d]]
+            image_offsets = _offsets(np.fromiter((len(docs.images[d]) for d, _, _ in segments), dtype=np.int64,
+                                                 count=len(segments)))
         return cls(
             input_ids=_concat([docs.ids[d][s:e] for d, s, e in segments]),
             labels=_concat([docs.labels[d][s:e] for d, s, e in segments]),
             row_offsets=_offsets(row_lengths), doc_lengths=seg_lengths.astype(np.int32),
             doc_offsets=_offsets(np.fromiter((len(row) for row in plan), dtype=np.int64, count=len(plan))),
             doc_source=docs.source[which].astype(np.int32), doc_index=docs.index[which].astype(np.int64),
-            packed=True,
+            packed=True, images=images, image_offsets=image_offsets,
         )
 
     def __len__(self) -> int:
@@ -104,11 +112,16 @@ class RowStore:
                     row["images"] = self.images[a:b]
             return rows
         doc_starts, doc_ends = self.doc_offsets[:-1].tolist(), self.doc_offsets[1:].tolist()
-        return [
+        rows = [
             {"input_ids": self.input_ids[a:b], "labels": self.labels[a:b], "seq_lengths": self.doc_lengths[c:d],
              "index": self.doc_index[c:d], "source": self.doc_source[c:d]}
             for a, b, c, d in zip(starts, ends, doc_starts, doc_ends)
         ]
+        if self.images is not None:
+            bounds = self.image_offsets.tolist()
+            for row, c, d in zip(rows, doc_starts, doc_ends):
+                row["images"] = self.images[bounds[c]:bounds[d]]
+        return rows
 
     def save(self, folder: Path, prefix: str, final: Path) -> None:
         """Into `folder`, which becomes `final` (images that are not files are stored there)."""

@@ -206,7 +206,8 @@ def _image_text(shape: TemplateShape, user: dict[str, Any]) -> str | None:
     while start < len(plain) and plain[start] == with_image[start]:
         start += 1
     start = min(start, with_image.find(user["content"]))  # the image goes before the text, whatever they share
-    return with_image[start:start + len(with_image) - len(plain)]
+    end = with_image.find(user["content"], start)  # up to the text (a template may drop a space before images)
+    return with_image[start:end] if end > start else with_image[start:start + len(with_image) - len(plain)]
 
 
 def _content_end(text: str, content: str) -> int | None:

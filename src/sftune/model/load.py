@@ -147,8 +147,16 @@ def load_processor(config: SFTConfig) -> Any | None:
         return None
     from transformers import AutoProcessor
 
+    from sftune.model.processor import load_without_video, needs_torchvision
+
     try:
-        processor = AutoProcessor.from_pretrained(config.model_name_or_path, **_source_kwargs(config))
+        try:
+            processor = AutoProcessor.from_pretrained(config.model_name_or_path, **_source_kwargs(config))
+        except ImportError as err:  # a video processor, which needs torchvision: images do not need it
+            if not needs_torchvision(err):
+                raise
+            processor = load_without_video(config.model_name_or_path, load_model_config(config),
+                                           _source_kwargs(config))
     except (OSError, ValueError, KeyError, ImportError) as err:
         raise _load_error("the processor", config, err) from None
     if not hasattr(processor, "tokenizer"):

@@ -33,6 +33,7 @@ from sftune.training.loss import CausalLMWithLoss
 from sftune.training.metrics import TokenTotals, eval_metrics, train_metrics
 from sftune.training.optim import build_optimizer, build_scheduler
 from sftune.training.report import Reporter, peak_memory_mb
+from sftune.training.vision import drop_blank_gradients
 
 log = logging.getLogger("sftune")
 
@@ -60,6 +61,13 @@ class Trainer:
 
         loss_model = CausalLMWithLoss(model, config.loss_type, config.loss_chunk_size)
         loss_model.train()
+        if processor is not None and self.world_size > 1 and not sharded.is_sharded(accelerator):
+            # vision (issue 14): under DDP, processes whose micro-batch has no images keep in step
+            from sftune.training.vision import prepare_data_parallel
+
+            if next(loss_model.parameters()).device != accelerator.device:  # quantized models are placed already
+                loss_model.to(accelerator.device)
+            prepare_data_parallel(loss_model, processor, collate, accelerator.device)
         if config.torch_compile:
             backbone = getattr(loss_model.causal_lm, loss_model.causal_lm.base_model_prefix)
             backbone.compile()  # in place, so parameter names and saved files stay as they are
@@ -135,6 +143,10 @@ class Trainer:
                 out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
                 sharded.backward(accelerator, out["loss_sum"] * scale, last)
             step_totals.add(out["token_stats"], _trained(sources, batch["targets"]))
+        blank = accelerator.unwrap_model(self.loss_model).blank_images
+        if blank is not None:  # vision (issue 14): no process had images this step: no vision gradients at all
+            drop_blank_gradients(accelerator.unwrap_model(self.loss_model),
+                                 self._sum_over_processes(float(blank.step_had_images())) > 0)
         max_norm = self.config.max_grad_norm or float("inf")
         norm = accelerator.clip_grad_norm_(self.loss_model.parameters(), max_norm)
         grad_norm = float(norm) if norm is not None else 0.0  # DeepSpeed reports none when it does not clip

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sftune.data.render import IGNORE_INDEX
+from sftune.data.vision_inputs import multimodal_position_ids, uses_multimodal_positions
 
 # Tokens per chunk are chosen so that one chunk's fp32 logits hold about this many elements (256 MB).
 CHUNK_ELEMENTS = 1 << 26
@@ -188,6 +189,7 @@ class CausalLMWithLoss(nn.Module):
         self.transform = logit_transform(model)
         # FSDP's auto-wrap policy reads the layer classes that must not be split from the root module
         self._no_split_modules = getattr(self.causal_lm, "_no_split_modules", None)
+        self.blank_images = None  # data parallel vision-language training: see training/vision.py
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -204,16 +206,30 @@ class CausalLMWithLoss(nn.Module):
     ) -> dict[str, Any]:
         """`model_inputs`: what else the backbone takes, e.g. a vision-language model's pixel_values."""
         causal_lm = self.causal_lm
-        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-        # Image batches arrive in fp32; the vision tower computes in the model's dtype.
-        model_inputs = {k: v.to(causal_lm.dtype) if v.is_floating_point() else v for k, v in model_inputs.items()}
-        hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-            **model_inputs,
-        ).last_hidden_state
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, **model_inputs)
         selected = targets != IGNORE_INDEX
         loss_sum, stats = chunked_lm_loss(
             hidden[selected], causal_lm.get_output_embeddings(), targets[selected], self.transform, self.dft,
             self.chunk_tokens,
         )
+        if self.blank_images is not None and self.blank_images.needed(model_inputs):
+            backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+            loss_sum = loss_sum + self.blank_images.zero_loss(backbone, causal_lm.dtype, hidden.device)
         return {"loss_sum": loss_sum, "num_tokens": selected.sum(), "token_stats": stats}
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, **model_inputs: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states for a batch as the collator makes it (no cache, no logits)."""
+        causal_lm = self.causal_lm
+        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+        # Image batches arrive in fp32; the vision tower computes in the model's dtype.
+        model_inputs = {k: v.to(causal_lm.dtype) if v.is_floating_point() else v for k, v in model_inputs.items()}
+        if position_ids is not None and position_ids.ndim == 2 and uses_multimodal_positions(backbone):
+            # packed or padding-free rows on an M-RoPE model (Qwen-VL): each document's own multimodal positions
+            position_ids = multimodal_position_ids(backbone, input_ids, position_ids,
+                                                   model_inputs.get("mm_token_type_ids"),
+                                                   model_inputs.get("image_grid_thw"))
+        return backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            **model_inputs,
+        ).last_hidden_state
