@@ -12,6 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from more threads, and on a machine shared with other work more threads than idle cores
+# make every step several times slower (bench/threads.py): one thread per test process, also in subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

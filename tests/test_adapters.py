@@ -249,8 +249,11 @@ def test_adapter_errors_are_clear(lora_run, tiny_model_dir, chat_jsonl, tmp_path
         load_model(lora_config(lora_run.output_dir, chat_jsonl, tmp_path / "a"))
     with pytest.raises(UserError, match="could not add LoRA adapters.*lora_target_modules"):
         train(lora_config(tiny_model_dir, chat_jsonl, tmp_path / "b", lora_target_modules=["no_such_proj"]))
-    with pytest.raises(UserError, match="could not load the adapter"):
+    with pytest.raises(UserError, match="does not exist: check adapter_name_or_path"):  # before anything loads
         train(lora_config(tiny_model_dir, chat_jsonl, tmp_path / "c", adapter_name_or_path=str(tmp_path / "none")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="could not load the adapter"):
+        train(lora_config(tiny_model_dir, chat_jsonl, tmp_path / "c", adapter_name_or_path=str(tmp_path / "empty")))
 
 
 def test_adapters_take_the_dtype_of_the_model(tiny_model_dir):

@@ -50,6 +50,7 @@ def test_fetch_refuses_a_wrong_checksum(fake_asset, monkeypatch):
     assert not (assets.cache_dir() / "assets" / "fake" / "data.txt").exists()
 
 
+@pytest.mark.slow  # the real 135M model
 def test_real_smollm2_knows_paris(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,6 +63,7 @@ def test_real_smollm2_knows_paris(smollm2_dir):
     assert "Paris" in greedy_answer(model, tokenizer, "What is the capital of France?", max_new_tokens=12)
 
 
+@pytest.mark.slow  # the real 135M model
 def test_demo_command_runs_on_the_real_model(smollm2_dir, tmp_path, capsys, monkeypatch):
     """`sftune demo` wiring end to end, cut to two short steps (the full demo takes a few minutes)."""
     from sftune.cli import main

@@ -130,14 +130,19 @@ def test_merge_never_replaces_a_folder_with_half_a_model(tiny_model_dir, tmp_pat
 
 
 def test_a_failed_start_leaves_output_dir_reusable(tiny_model_dir, tmp_path):
-    """A run that stops at bad data writes nothing into output_dir, so the same command works once it is fixed."""
+    """A run that stops at bad data leaves no folder it created (nor the parents it would have made), writes nothing
+    into an output_dir that was there, and the same command works once the mistake is fixed."""
     data = tmp_path / "chat.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assitant", "content": "yo"}]}\n')
     config = SFTConfig(model_name_or_path=str(tiny_model_dir), dataset_name=str(data),
-                       output_dir=str(tmp_path / "out"), max_steps=1, save_strategy="no", max_length=64)
+                       output_dir=str(tmp_path / "runs" / "out"), max_steps=1, save_strategy="no", max_length=64)
     with pytest.raises(UserError, match="did you mean 'assistant'"):
         train(config)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "out").mkdir(parents=True)  # a folder the user made stays, and stays empty
+    with pytest.raises(UserError, match="did you mean 'assistant'"):
+        train(config)
+    assert list((tmp_path / "runs" / "out").iterdir()) == []
     write_jsonl(data, conversations(4))
     assert train(config).global_step == 1
 

@@ -101,6 +101,7 @@ def test_bad_input_gives_one_clear_line_and_exit_code_2(case, tiny_model_dir, tm
     vlm_dir = request.getfixturevalue("tiny_llava_dir") if "{vlm}" in yaml.safe_dump(case) else None
     argv = set_up(case, tmp_path, tiny_model_dir, vlm_dir)
     before = file_hashes(tmp_path)
+    out_existed = (tmp_path / "out").exists()
     capsys.readouterr()
     code = main(argv)
     captured = capsys.readouterr()
@@ -117,6 +118,7 @@ def test_bad_input_gives_one_clear_line_and_exit_code_2(case, tiny_model_dir, tm
     for path, digest in before.items():  # a failed run overwrites nothing the user had...
         assert after.get(path) == digest, path
     assert not [p for p in after if p not in before]  # ...nor adds a file anywhere
+    assert out_existed or not (tmp_path / "out").exists()  # ...nor leaves a folder it made
 
 
 def test_the_console_script_behaves_the_same(tmp_path):

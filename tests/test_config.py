@@ -218,3 +218,89 @@ def test_loss_mask_is_resolved_once_from_trls_flags(flags, expected, tmp_path):
 def test_contradicting_loss_settings_are_refused(flags, message):
     with pytest.raises(ConfigError, match=message):
         SFTConfig(**flags)
+
+
+# ---- a TRL file with many foreign keys is cleared in one run; suggestions only for real near-misses
+
+
+def test_unquoted_no_in_yaml_is_the_choice_no(tmp_path):
+    """YAML 1.1 reads an unquoted `no` (and `off`) as false; for a setting whose choices include 'no', that is it."""
+    path = tmp_path / "run.yaml"
+    path.write_text("save_strategy: no\neval_strategy: off\npacking: no\n")
+    config = load_config(path)
+    assert (config.save_strategy, config.eval_strategy, config.packing) == ("no", "no", False)
+    with pytest.raises(ConfigError, match="'lr_scheduler_type' = False: expected one of"):
+        SFTConfig(lr_scheduler_type=False)  # no 'no' among its choices: still an error
+
+
+def test_every_bad_key_of_a_file_is_reported_in_one_line(tmp_path):
+    path = tmp_path / "trl.yaml"
+    path.write_text("shuffle_dataset: true\nlora_task_type: CAUSAL_LM\nuse_cpu: true\nlearnig_rate: 1.0e-4\n"
+                    "bf16: true\nmax_seq_length: 64\nmax_length: 64\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path}: 6 problems: ")
+    for part in ("unknown key 'shuffle_dataset'", "unknown key 'lora_task_type'", "unknown key 'use_cpu'",
+                 "unknown key 'learnig_rate' (did you mean 'learning_rate'?)", "'bf16' is not supported",
+                 "key 'max_length' is given twice"):
+        assert part in message
+    assert message.count("did you mean") == 1  # not datasets, loss_type or use_peft for the three foreign keys
+    assert message.endswith("(see `sftune train --help`)") and message.count("sftune train --help") == 1
+
+
+@pytest.mark.parametrize("key,suggested", [
+    ("shuffle_dataset", None), ("lora_task_type", None), ("use_cpu", None), ("colour", None),
+    ("learnig_rate", "learning_rate"), ("gradient_acumulation_steps", "gradient_accumulation_steps"),
+    ("max_seq_len", "max_length"), ("num_epochs", "num_train_epochs"), ("save_step", "save_steps"),
+    ("eval_batch_size", "per_device_eval_batch_size"),
+])
+def test_did_you_mean_only_for_a_near_miss(key, suggested):
+    from sftune.config import unknown_key_message
+
+    message = unknown_key_message(key)
+    if suggested is None:
+        assert "did you mean" not in message and "sftune train --help" in message
+    else:
+        assert f"(did you mean '{suggested}'?)" in message
+
+
+def test_every_value_out_of_range_and_every_mistyped_value_at_once():
+    with pytest.raises(ConfigError) as caught:
+        SFTConfig.from_dict({"per_device_train_batch_size": "eight", "learning_rate": "fast"})
+    assert "2 problems" in str(caught.value) and "'learning_rate' = 'fast'" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        SFTConfig(per_device_train_batch_size=0, logging_steps=0, lora_r=0, num_threads=0)
+    message = str(caught.value)
+    assert message.startswith("4 problems: ")
+    for key in ("per_device_train_batch_size", "logging_steps", "lora_r", "num_threads"):
+        assert f"'{key}' = 0" in message
+
+
+def test_cli_reports_unknown_flags_and_the_file_s_bad_keys_together(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("use_cpu: true\n")
+    code, _, err = run_cli(capsys, "train", str(path), "--learnig_rate", "1e-4", "--shuffle-dataset", "--seed", "1")
+    assert code == 2 and err.count("\n") == 1
+    assert "2 problems: unknown key 'learnig_rate' (did you mean 'learning_rate'?); unknown key 'shuffle_dataset'" \
+        in err
+    assert f"and {path}: unknown key 'use_cpu'" in err
+
+
+def test_changed_settings_use_the_defaults_help_shows():
+    from sftune.config import changed_settings
+
+    assert changed_settings(SFTConfig()) == []
+    assert changed_settings(SFTConfig(use_peft=True)) == [("use_peft", True)]  # its learning rate is the default
+    changed = dict(changed_settings(SFTConfig(use_peft=True, logging_steps=3, learning_rate=2e-5)))
+    assert changed == {"use_peft": True, "learning_rate": 2e-5, "logging_steps": 3}
+
+
+def test_a_resumed_run_saves_the_config_that_repeats_it(tmp_path):
+    out = tmp_path / "run"
+    for resume in (True, str(out / "checkpoint-4")):
+        SFTConfig(output_dir=str(out), resume_from_checkpoint=resume).save(tmp_path / "c.yaml")
+        assert yaml.safe_load((tmp_path / "c.yaml").read_text())["resume_from_checkpoint"] is None
+    other = str(tmp_path / "other" / "checkpoint-4")  # started from another run's checkpoint: part of the run
+    SFTConfig(output_dir=str(out), resume_from_checkpoint=other).save(tmp_path / "c.yaml")
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["resume_from_checkpoint"] == other

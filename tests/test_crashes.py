@@ -80,6 +80,7 @@ def assert_same(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow  # trains in subprocesses
 def test_kill_after_a_checkpoint_resumes_from_it_with_the_same_losses(dropout_model_dir, tmp_path):
     steps = 40
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(40, seed=12))
@@ -108,6 +109,7 @@ def test_kill_after_a_checkpoint_resumes_from_it_with_the_same_losses(dropout_mo
     assert_same(final_weights(out), final_weights(tmp_path / "straight"))
 
 
+@pytest.mark.slow  # trains in subprocesses
 def test_sigkill_at_random_moments_then_resume_gives_the_same_weights(dropout_model_dir, uninterrupted, tmp_path):
     data, expected = uninterrupted
     out = tmp_path / "run"
@@ -150,6 +152,7 @@ KILL_WHILE_SAVING = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # trains in a subprocess
 def test_sigkill_while_a_checkpoint_is_written(dropout_model_dir, uninterrupted, tmp_path):
     data, expected = uninterrupted
     out = tmp_path / "run"

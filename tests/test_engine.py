@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -258,6 +259,7 @@ def test_resume_true_on_a_fresh_output_dir_starts_from_scratch(tiny_model_dir, d
     assert result.global_step == 2
 
 
+@pytest.mark.slow  # trains in a subprocess
 def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "long.jsonl", conversations(200, seed=5))
     out = tmp_path / "run"
@@ -272,7 +274,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model_
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, err
-    assert "continue with --resume_from_checkpoint true" in err and "Traceback" not in err
+    assert f"continue with: sftune train {shlex.join(args)} --resume_from_checkpoint true" in err
+    assert "Traceback" not in err
     (step, _), = list_checkpoints(out)
     assert 3 <= step < 30
 
@@ -367,6 +370,7 @@ def test_a_missing_tracker_package_is_a_clear_error(tiny_model_dir, data_file, t
 # ---------------------------------------------------------------- data parallelism, compilation, determinism
 
 
+@pytest.mark.slow  # two processes
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, tmp_path):
     """2 CPU processes over gloo x padded batch 2 x accumulation 2 against 1 process x padded batch 8: the same
     per-step losses, gradient norms and final weights (gradients summed over processes and micro-batches, then
@@ -400,6 +404,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, tmp_
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow  # compiles the model (about a minute)
 def test_torch_compile_gives_the_same_losses(tiny_model_dir, data_file, tmp_path):
     plain = train(config_for(tiny_model_dir, data_file, tmp_path / "plain", max_steps=2))
     compiled = train(config_for(tiny_model_dir, data_file, tmp_path / "compiled", max_steps=2, torch_compile=True))

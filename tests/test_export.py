@@ -136,6 +136,54 @@ def test_loss_plot_shows_train_eval_and_learning_rate(full_run):
     assert loss_figure([{"step": 1, "learning_rate": 1e-3}], "run") is None  # nothing to plot, no figure
 
 
+def test_a_short_run_plots_every_step_not_one_dot(base_dir, answer_data, tmp_path):
+    """3 steps with logging_steps 10 log one point; the plot draws the loss of each of the 3 steps instead."""
+    from sftune.export.card import MIN_LOGGED_POINTS, loss_figure, read_metrics
+
+    result = train(run_config(base_dir, answer_data, tmp_path / "short", max_steps=3, logging_steps=10,
+                              eval_strategy="no", eval_ratio=0.0))
+    assert len(read_metrics(result.output_dir)) == 1 < MIN_LOGGED_POINTS
+    figure = loss_figure(read_metrics(result.output_dir), "run", result.step_losses)
+    train_line = figure.axes[0].lines[0]
+    assert train_line.get_label() == "train loss (every step)" and list(train_line.get_xdata()) == [1, 2, 3]
+    per_step = list(train_line.get_ydata())
+    assert per_step == [m["loss"] for m in result.step_losses] and len(set(per_step)) == 3
+    # the one logged point is the token-weighted loss of those 3 steps: close to their plain mean
+    assert sum(per_step) / 3 == pytest.approx(result.history[-1]["loss"], rel=0.02)
+    assert (result.output_dir / "loss_curve.png").is_file()
+
+
+def test_card_settings_differ_from_the_help_defaults(adapter_run):
+    """use_peft and logging_steps differ from their `--help` defaults: both are listed; nothing that is at its
+    default is listed (the learning rate counts as default when it is what unset gives)."""
+    from sftune.config import field_help
+
+    settings = (adapter_run.output_dir / "README.md").read_text().split("## Training settings")[1].split("##")[0]
+    listed = set(re.findall(r"^\| `(\w+)` \|", settings, re.M))
+    assert {"use_peft", "logging_steps", "learning_rate", "lora_target_modules", "max_steps"} <= listed
+    config = SFTConfig.from_dict(yaml.safe_load((adapter_run.output_dir / CONFIG_FILENAME).read_text()))
+    help_defaults = {name: default for _, name, default, _, _ in field_help()}
+    for name in listed:
+        assert getattr(config, name) != help_defaults[name], name
+
+
+def test_saved_files_have_normal_permissions(base_dir, answer_data, tmp_path):
+    """Every file a run writes, weights included (safetensors alone makes them 0600), has the mode the umask gives:
+    0644 under the usual 022, 0640 under 027; folders 0755 / 0750."""
+    previous = os.umask(0o027)
+    try:
+        out = tmp_path / "run"
+        train(run_config(base_dir, answer_data, out, max_steps=2, eval_strategy="no", eval_ratio=0.0,
+                         save_strategy="steps", save_steps=1, use_peft=True))
+        assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(previous)
+    written = [p for p in [*out.rglob("*"), *(tmp_path / "merged").rglob("*"), tmp_path / "merged"]]
+    assert {"adapter_model.safetensors", "model.safetensors"} <= {p.name for p in written}
+    for path in written:
+        assert path.stat().st_mode & 0o777 == (0o750 if path.is_dir() else 0o640), path
+
+
 def test_card_is_written_without_matplotlib(full_run, tmp_path, monkeypatch):
     from sftune.export import card
 
@@ -388,6 +436,7 @@ def folder_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # trains in a subprocess
 def test_push_uploads_the_run_and_no_secret_leaks(base_dir, answer_data, fake_hub, tmp_path):
     out = tmp_path / "run"
     done = sftune(["train", "--model_name_or_path", str(base_dir), "--dataset_name", str(answer_data),

@@ -82,6 +82,7 @@ def data_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("fsdp-data") / "chat.jsonl", conversations(16, seed=13))
 
 
+@pytest.mark.slow  # two processes
 def test_fsdp2_trainer_equals_one_process_and_resumes_from_its_sharded_checkpoint(tiny_model_dir, data_file,
                                                                                   tmp_path):
     sharded = run_fsdp2(settings(tiny_model_dir, data_file, tmp_path / "fsdp"), tmp_path, "fsdp")

@@ -93,6 +93,7 @@ def test_folder_mistakes_get_clear_errors(tmp_path):
         load_model(model_config(gguf_only, gguf_file="other.gguf"))
 
 
+@pytest.mark.slow  # the real 135M model
 def test_real_gguf_model_trains_and_saves_as_safetensors(tmp_path):
     """SmolLM2 straight from its GGUF file: dequantized on load, fully fine-tuned, saved as a plain model."""
     from conftest import asset_folder, write_jsonl

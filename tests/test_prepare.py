@@ -194,6 +194,7 @@ def test_tokenizer_without_chat_tokens_gets_them_and_the_model_grows(tmp_path):
     assert saved.convert_tokens_to_ids("<|im_end|>") in np.atleast_1d(result.model.generation_config.eos_token_id)
 
 
+@pytest.mark.slow  # runs in a subprocess
 def test_inspect_prints_statistics_examples_and_writes_jsonl(tiny_model_dir, tmp_path):
     rows = conversations(10)
     data = write_jsonl(tmp_path / "chat.jsonl", rows)

@@ -28,6 +28,7 @@ def step_losses(result) -> np.ndarray:
     return np.array([entry["loss"] for entry in result.history])
 
 
+@pytest.mark.slow  # trains in a subprocess
 def test_cli_train_end_to_end(tiny_model_dir, chat_jsonl, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "sftune", "train", "--model_name_or_path", str(tiny_model_dir),

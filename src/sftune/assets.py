@@ -137,6 +137,7 @@ def smollm2_model_dir() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sftune.export.save import give_normal_permissions
     from sftune.model.load import plain_model_from_gguf
 
     folder = fetch("smollm2-135m-instruct-gguf")
@@ -148,6 +149,7 @@ def smollm2_model_dir() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        give_normal_permissions(Path(tmp))  # not tempfile's 0700 and safetensors' 0600
         os.replace(tmp, target)
         os.mkdir(tmp)  # TemporaryDirectory expects to remove something
     return target

@@ -21,7 +21,12 @@ HELP = "empty line: nothing; /reset: forget the conversation; /exit or Ctrl-D: q
 
 def load_run(run_dir: str | Path) -> tuple[Any, Any]:
     """(model, tokenizer) of a run folder, ready to generate: on the GPU when there is one, in eval mode."""
+    from sftune.preflight import check_chat_folder
+
+    folder = check_chat_folder(run_dir)  # before torch loads
+
     import torch
+    from transformers.utils import logging as hf_logging
 
     from sftune.config import SFTConfig
     from sftune.model.adapters import (
@@ -29,17 +34,13 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any]:
     )
     from sftune.model.load import load_model
 
-    folder = Path(run_dir).expanduser()
+    hf_logging.disable_progress_bar()  # the reply streams; no loading bars around it
     if is_adapter_folder(folder):
         model, saved_with = load_adapter_run(folder)
-    elif (folder / "config.json").is_file():
+    else:
         config = SFTConfig(model_name_or_path=str(folder))
         model, saved_with = load_model(config), run_tokenizer(folder, config)
         use_saved_generation_config(model, folder, text_tokenizer(saved_with))
-    else:
-        where = "does not exist" if not folder.exists() else "holds neither a model (config.json) nor an adapter " \
-            "(adapter_config.json)"
-        raise UserError(f"'{folder}' {where}: give a run's output_dir or a folder saved by sftune merge")
     if torch.cuda.is_available():
         model.to("cuda")
     model.eval()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 from sftune import config as cfg
@@ -129,11 +133,11 @@ def _build_parser() -> argparse.ArgumentParser:
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     parser = _build_parser()
     args, extras = parser.parse_known_args(argv)
+    flags = [arg[2:].split("=", 1)[0].replace("-", "_") for arg in extras if arg.startswith("--")]
+    if flags:
+        raise ConfigError(_unknown_flags_message(flags, getattr(args, "config", None)))
     if extras:
-        first = extras[0]
-        if first.startswith("--"):
-            raise ConfigError(cfg.unknown_key_message(first[2:].split("=", 1)[0].replace("-", "_")))
-        raise ConfigError(f"unexpected argument '{first}' (see `sftune {args.command or ''} --help`)")
+        raise ConfigError(f"unexpected argument '{extras[0]}' (see `sftune {args.command or ''} --help`)")
     if args.command is None:
         parser.print_help()
         raise SystemExit(EXIT_USER_ERROR)
@@ -143,30 +147,57 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     return args, overrides
 
 
+def _unknown_flags_message(flags: list[str], config_path: str | None) -> str:
+    """Every unknown flag, and every bad key of the config file too, in one line: one run shows them all."""
+    problems = [cfg.unknown_key_message(name) for name in flags]
+    message = cfg.join_problems(problems)
+    if config_path is not None:
+        try:
+            cfg.load_config(config_path)
+        except ConfigError as err:
+            message += f"; and {err}"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
         args, overrides = _parse(argv)
+        if args.command in ("train", "demo"):
+            from sftune.training.interrupt import set_resume_command
+
+            typed = json.loads(os.environ.get(LAUNCHED_ARGV, "null")) or argv  # as the user typed it
+            set_resume_command(lambda output_dir: resume_command(typed, output_dir))
         if args.command == "train":
             config = cfg.load_config(args.config, overrides)  # a bad config fails here, before any launch
             if args.num_processes > 1:
                 from sftune.launch import launch_data_parallel
+                from sftune.preflight import check_before_loading
 
-                return launch_data_parallel(args.num_processes, _without_num_processes(argv))
+                check_before_loading(config)  # once, before N processes import torch
+                os.environ[LAUNCHED_ARGV] = json.dumps(argv)
+                return launch_data_parallel(args.num_processes, _without_flag(argv, "num_processes"))
             from sftune.run import train
 
-            train(config)
+            train(config)  # checks the output folder and the local paths before torch loads
         elif args.command == "inspect":
+            from sftune.preflight import check_input_paths
+
+            config = cfg.load_config(args.config, overrides)
+            config.check_ready_to_train()
+            check_input_paths(config)
             from sftune.inspect import inspect_data
 
-            inspect_data(cfg.load_config(args.config, overrides), args.jsonl, args.num_examples,
-                         as_json=args.as_json, html=args.html)
+            inspect_data(config, args.jsonl, args.num_examples, as_json=args.as_json, html=args.html)
         elif args.command == "demo":
             from sftune.demo import run_demo
 
             run_demo(overrides)
         elif args.command == "merge":
+            from sftune.preflight import check_merge_folders
+
+            check_merge_folders(args.run_dir, args.output, args.overwrite)  # before torch loads
             from sftune.model.adapters import merge_adapter
             from sftune.run import setup_logging
 
@@ -174,15 +205,15 @@ def main(argv: list[str] | None = None) -> int:
             merge_adapter(args.run_dir, args.output, overwrite=args.overwrite)
         elif args.command == "chat":
             from sftune.chat import run_chat
-            from sftune.run import setup_logging
+            from sftune.logs import setup_logging
 
             setup_logging()
             run_chat(args.run_dir, args.prompt, args.system, args.max_new_tokens, args.temperature)
         elif args.command == "push":
             from sftune.export.hub import push_saved_run
-            from sftune.run import setup_logging
+            from sftune.logs import setup_logging
 
-            setup_logging()
+            setup_logging()  # sftune's log only: a push loads no model
             private = None if args.hub_private_repo is None else args.hub_private_repo == "true"
             push_saved_run(args.run_dir, args.hub_model_id, private)
         return 0
@@ -192,21 +223,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sftune: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingInterrupted as stop:
-        print(f"sftune: {stop}; continue with --resume_from_checkpoint true", file=sys.stderr)
+        from sftune.training.interrupt import resume_hint
+
+        print(f"sftune: {stop}; {resume_hint(Path(stop.checkpoint).parent)}", file=sys.stderr)
         return 128 + stop.signal_number
     except KeyboardInterrupt:
         print("sftune: interrupted", file=sys.stderr)
         return 130
 
 
-def _without_num_processes(argv: list[str]) -> list[str]:
+# The command line of `sftune train --num_processes N`, handed to the processes it starts (for the resume hint).
+LAUNCHED_ARGV = "SFTUNE_LAUNCHED_ARGV"
+
+
+def resume_command(argv: list[str], output_dir: Path) -> str:
+    """The command that continues the interrupted run: the one typed, set to resume. `sftune demo` picks a new
+    folder each time, so its command names the run's folder."""
+    kept = _without_flag(argv, "resume_from_checkpoint")
+    if next((arg for arg in kept if not arg.startswith("-")), None) == "demo":
+        kept = _without_flag(kept, "output_dir") + ["--output_dir", str(output_dir)]
+    return shlex.join(["sftune", *kept, "--resume_from_checkpoint", "true"])
+
+
+def _without_flag(argv: list[str], name: str) -> list[str]:
+    """`argv` without `--name VALUE` / `--name=VALUE` (either spelling of the name)."""
+    spellings = (f"--{name}", f"--{name.replace('_', '-')}")
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("--num_processes", "--num-processes"):
+        elif arg in spellings:
             skip = True
-        elif not arg.startswith(("--num_processes=", "--num-processes=")):
+        elif not arg.startswith(tuple(f"{spelling}=" for spelling in spellings)):
             kept.append(arg)
     return kept
 

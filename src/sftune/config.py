@@ -7,7 +7,6 @@ user's YAML mostly runs as-is. This module is the ground floor: it imports nothi
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import re
@@ -19,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sftune.errors import ConfigError
+from sftune.errors import ConfigError, did_you_mean
 
 CONFIG_FILENAME = "sftune_config.yaml"
 TRACKERS = ("none", "all", "tensorboard", "wandb", "trackio")
@@ -273,6 +272,13 @@ class SFTConfig:
     on_nonfinite_loss: Literal["stop", "skip"] = _opt(
         "stop", "What a NaN/inf loss does: stop the run naming the step, or skip that optimizer step.", "training"
     )
+    num_threads: int | None = _opt(
+        None,
+        "CPU threads for torch's math. Unset: OMP_NUM_THREADS when set, else the cores this process may use (its "
+        "CPU affinity and cgroup quota). The log says when other work competes for those cores: then fewer threads "
+        "are often much faster.",
+        "training",
+    )
     torch_compile: bool = _opt(False, "Compile the model's backbone with torch.compile (slow first steps).", "training")
     full_determinism: bool = _opt(
         False, "Use deterministic kernels everywhere (slower; bitwise-repeatable runs on GPU).", "training"
@@ -330,12 +336,20 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         hints = _type_hints()
+        problems = []  # every mistyped key at once, not one per run
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+            try:
+                setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+            except ConfigError as err:
+                problems.append(str(err))
+        if problems:
+            raise ConfigError(join_problems(problems))
         # Resolved here, so the saved config holds the value used and repeats the run as it was.
         self.learning_rate_is_default = self.learning_rate is None
         if self.learning_rate is None:
-            self.learning_rate = DEFAULT_PEFT_LEARNING_RATE if self.use_peft else DEFAULT_LEARNING_RATE
+            self.learning_rate = unset_learning_rate(self.use_peft)
+        if self.resume_from_checkpoint is False:
+            self.resume_from_checkpoint = None
         self.loss_mask = self._resolved_loss_mask()
         self._check_ranges()
 
@@ -345,9 +359,7 @@ class SFTConfig:
         if self.assistant_only_loss and self.last_assistant_only_loss:
             raise ConfigError("config keys 'assistant_only_loss' and 'last_assistant_only_loss' are both true: "
                               "keep one of them (or set loss_mask: assistant | last_assistant)")
-        from_flags = ("last_assistant" if self.last_assistant_only_loss else "assistant" if self.assistant_only_loss
-                      else "all" if self.completion_only_loss is False
-                      else "completion" if self.completion_only_loss else None)
+        from_flags = loss_mask_of_flags(self)
         if self.loss_mask is None:
             return from_flags or "completion"
         if from_flags is not None and from_flags != self.loss_mask:
@@ -357,9 +369,11 @@ class SFTConfig:
         return self.loss_mask
 
     def _check_ranges(self) -> None:
+        problems: list[str] = []  # every value out of range at once
+
         def need(ok: bool, key: str, rule: str) -> None:
             if not ok:
-                raise ConfigError(f"config key '{key}' = {getattr(self, key)!r}: {rule}")
+                problems.append(f"config key '{key}' = {getattr(self, key)!r}: {rule}")
 
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
         need(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1")
@@ -384,12 +398,9 @@ class SFTConfig:
         need(self.generation_max_new_tokens >= 1, "generation_max_new_tokens", "must be >= 1")
         need(self.save_steps >= 1, "save_steps", "must be >= 1")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
-        for tracker in self.report_to:
-            need(tracker in TRACKERS, "report_to", f"each entry must be one of {', '.join(TRACKERS)}")
-        if "none" in self.report_to and len(self.report_to) > 1:
-            raise ConfigError(f"config key 'report_to' = {self.report_to!r}: 'none' cannot be combined with trackers")
-        if self.resume_from_checkpoint is False:
-            self.resume_from_checkpoint = None
+        need(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
+        need(all(tracker in TRACKERS for tracker in self.report_to), "report_to",
+             f"each entry must be one of {', '.join(TRACKERS)}")
         need(self.lora_r >= 1, "lora_r", "must be >= 1")
         need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
@@ -398,6 +409,10 @@ class SFTConfig:
                 not getattr(self, key) or self.use_peft, key,
                 "needs use_peft: true (a quantized or adapter-based run trains adapters, not the base weights)",
             )
+        if problems:
+            raise ConfigError(join_problems(problems))
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ConfigError(f"config key 'report_to' = {self.report_to!r}: 'none' cannot be combined with trackers")
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("config keys 'load_in_4bit' and 'load_in_8bit' are both true: keep one of them")
         if self.gguf_file and (self.load_in_4bit or self.load_in_8bit):
@@ -456,20 +471,33 @@ class SFTConfig:
             raise ConfigError(f"{where}: expected a mapping of key: value, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         resolved: dict[str, Any] = {}
+        problems = []  # every bad key of the file at once: a TRL config is cleared in one run, not one per key
         for key, value in values.items():
             name = ALIASES.get(key, key)
             if name not in known:
-                raise ConfigError(f"{where}: {unknown_key_message(str(key))}")
-            if name in resolved:
-                raise ConfigError(f"{where}: key '{name}' is given twice (once as '{key}')")
-            resolved[name] = value
+                problems.append(unknown_key_message(str(key)))
+            elif name in resolved:
+                problems.append(f"key '{name}' is given twice (once as '{key}')")
+            else:
+                resolved[name] = value
+        if problems:
+            raise ConfigError(f"{where}: {join_problems(problems)}")
         return cls(**resolved)
 
     def save(self, path: str | Path) -> None:
-        """Write the resolved config as YAML that `sftune train <path>` runs again, atomically."""
+        """Write the resolved config as YAML that `sftune train <path>` runs again, atomically.
+
+        Continuing this run's own checkpoints (resume_from_checkpoint true, or a checkpoint in output_dir) is how the
+        run was carried on, not what the run is: it is saved unset, so the file repeats the run from its start.
+        A checkpoint of another run stays: this run started from it.
+        """
         path = Path(path)
+        values = self.to_dict()
+        resume = values["resume_from_checkpoint"]
+        if resume is True or (isinstance(resume, str) and _inside(Path(resume), Path(self.output_dir))):
+            values["resume_from_checkpoint"] = None
         text = "# sftune resolved config: `sftune train " + path.name + "` repeats this run\n"
-        text += yaml.safe_dump(without_secrets(self.to_dict()), sort_keys=False, allow_unicode=True)
+        text += yaml.safe_dump(without_secrets(values), sort_keys=False, allow_unicode=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
@@ -502,8 +530,7 @@ def check_dataset_entries(entries: list[dict]) -> None:
         where = f"config key 'datasets[{i}]'"
         for key in entry:
             if key not in DATASET_ENTRY_KEYS:
-                close = difflib.get_close_matches(str(key), DATASET_ENTRY_KEYS, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(DATASET_ENTRY_KEYS)})"
+                hint = did_you_mean(str(key), DATASET_ENTRY_KEYS) or f" (known: {', '.join(DATASET_ENTRY_KEYS)})"
                 raise ConfigError(f"{where}: unknown key '{key}'{hint}")
         if not isinstance(entry.get("path"), str) or not entry["path"]:
             raise ConfigError(f"{where}: needs 'path' (a Hub dataset id, a file or a folder)")
@@ -520,13 +547,71 @@ def check_dataset_entries(entries: list[dict]) -> None:
         raise ConfigError("config key 'datasets': give every dataset a 'weight', or none (then every row is used once)")
 
 
+SEE_HELP = " (see `sftune train --help`)"
+
+
 def unknown_key_message(key: str) -> str:
+    """What to say about a key the schema does not have: not supported (and what instead), a close key, or --help."""
     if key in NOT_SUPPORTED:
         return f"key '{key}' is not supported: {NOT_SUPPORTED[key]}"
     names = [f.name for f in dataclasses.fields(SFTConfig)] + list(ALIASES)
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    hint = f" (did you mean '{ALIASES.get(close[0], close[0])}'?)" if close else " (see `sftune train --help`)"
-    return f"unknown key '{key}'{hint}"
+    hint = did_you_mean(key, names)
+    for alias, target in ALIASES.items():  # suggest the field an alias stands for
+        hint = hint.replace(f"'{alias}'", f"'{target}'")
+    return f"unknown key '{key}'{hint or SEE_HELP}"
+
+
+def join_problems(problems: list[str]) -> str:
+    """One line for one problem or several: `3 problems: a; b; c`, with the pointer to --help said once."""
+    if len(problems) == 1:
+        return problems[0]
+    see_help = any(problem.endswith(SEE_HELP) for problem in problems)
+    trimmed = [problem.removesuffix(SEE_HELP) for problem in problems]
+    return f"{len(problems)} problems: " + "; ".join(trimmed) + (SEE_HELP if see_help else "")
+
+
+def unset_learning_rate(use_peft: bool) -> float:
+    """The learning rate a config that leaves it unset trains with (README, `--help`)."""
+    return DEFAULT_PEFT_LEARNING_RATE if use_peft else DEFAULT_LEARNING_RATE
+
+
+def loss_mask_of_flags(config: SFTConfig) -> str | None:
+    """The loss_mask TRL's three flags ask for; None when they are all at their defaults."""
+    if config.last_assistant_only_loss:
+        return "last_assistant"
+    if config.assistant_only_loss:
+        return "assistant"
+    if config.completion_only_loss is None:
+        return None
+    return "completion" if config.completion_only_loss else "all"
+
+
+# Settings the schema fills in when they are unset, from the others: what "unset" resolves to for a config.
+RESOLVED_WHEN_UNSET = {
+    "learning_rate": lambda config: unset_learning_rate(config.use_peft),
+    "loss_mask": lambda config: loss_mask_of_flags(config) or "completion",
+}
+
+
+def changed_settings(config: SFTConfig) -> list[tuple[str, Any]]:
+    """(name, value) of every setting that differs from its default as `sftune train --help` shows it, in schema
+    order. A setting the schema fills in when unset (learning_rate, loss_mask) differs only when it is not what
+    unset gives."""
+    changed = []
+    for _, name, default, _, _ in field_help():
+        value = getattr(config, name)
+        if name in RESOLVED_WHEN_UNSET:
+            default = RESOLVED_WHEN_UNSET[name](config)
+        if value != default:
+            changed.append((name, value))
+    return changed
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.expanduser().resolve().is_relative_to(folder.expanduser().resolve())
+    except OSError:
+        return False
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> SFTConfig:
@@ -592,8 +677,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is Literal:
         if isinstance(value, str) and value in args:
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint_text = f" (did you mean '{close[0]}'?)" if close else ""
+        if isinstance(value, bool):  # YAML reads an unquoted `no` (also off, false) as false; the choice is meant
+            spelled = [word for word in (("true", "yes", "on") if value else ("false", "no", "off")) if word in args]
+            if spelled:
+                return spelled[0]
+        hint_text = did_you_mean(str(value), [str(a) for a in args])
         raise ConfigError(
             f"config key '{key}' = {value!r}: expected one of {', '.join(map(str, args))}{hint_text}"
         )

@@ -23,3 +23,48 @@ class TrainingInterrupted(Exception):
     def __init__(self, step: int, checkpoint: str, signal_number: int):
         super().__init__(f"interrupted at step {step}; checkpoint saved in {checkpoint}")
         self.step, self.checkpoint, self.signal_number = step, checkpoint, signal_number
+
+
+def closest_names(word: str, names: list[str] | tuple[str, ...], most: int = 2) -> list[str]:
+    """The names `word` was probably meant to be, best first; none when nothing is close enough.
+
+    Close means a typo (edits, counting a swap of neighbours as one, at most a quarter of the longer name) or, for
+    snake_case keys, every word of `word` found in the name (`num_epochs` -> `num_train_epochs`), when at most
+    `most` names qualify. Sharing one word is not enough: `use_cpu` is not a misspelling of `use_peft`.
+    """
+    word = str(word)
+    scored = []
+    for name in dict.fromkeys(names):
+        distance = edit_distance(word.lower(), name.lower())
+        if distance <= max(1, max(len(word), len(name)) // 4):
+            scored.append((distance, name))
+    if scored:
+        best = min(distance for distance, _ in scored)
+        return [name for distance, name in scored if distance == best][:most]
+    parts = [part for part in word.lower().split("_") if part]
+    if len(parts) < 2:
+        return []
+    containing = [name for name in dict.fromkeys(names)
+                  if len(name.split("_")) > len(parts) and all(part in name.lower().split("_") for part in parts)]
+    return containing if len(containing) <= most else []
+
+
+def did_you_mean(word: str, names: list[str] | tuple[str, ...]) -> str:
+    """' (did you mean 'x'?)', ' (did you mean 'x' or 'y'?)', or '' when no name is close to `word`."""
+    close = closest_names(word, names)
+    return f" (did you mean {' or '.join(repr(name) for name in close)}?)" if close else ""
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions and swaps of neighbours."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        current = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                current[j] = min(current[j], previous2[j - 2] + 1)
+        previous2, previous = previous, current
+    return previous[len(b)]

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from sftune import logs
 from sftune.batching import BatchingPlan, plan_batching
 from sftune.config import CONFIG_FILENAME, SFTConfig
+from sftune.cpu import CompetitionCheck, use_threads
 from sftune.errors import UserError
+from sftune.preflight import check_before_loading, check_output_dir
 
 log = logging.getLogger("sftune")
 
@@ -31,54 +30,14 @@ class TrainResult:
     model: Any = field(repr=False, default=None)  # a peft model when training adapters
     tokenizer: Any = field(repr=False, default=None)
     processor: Any = field(repr=False, default=None)  # vision-language models only
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to the current sys.stderr, not the one at set-up (pytest and notebooks replace it)."""
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
+    step_losses: list[dict[str, float]] = field(repr=False, default_factory=list)  # every step of this process
 
 
 def setup_logging() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own log says what is loading and saving; one progress bar is enough
-    if not log.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("[sftune] %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
-def check_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
-    """Refuse an output_dir this run may not write into, before any work is done: never over another run's files.
-
-    The folder is created (empty) to prove it can be written; an empty folder does not stop a later run.
-    """
-    out = Path(config.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir '{out}' is a file, not a folder: choose another output_dir")
-    continuing = resume_from is not None and resume_from.resolve().parent == out.resolve()
-    if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or continuing):
-        raise UserError(
-            f"output_dir '{out}' already holds files (another run?): choose another output_dir, "
-            "set overwrite_output_dir: true to write over them, or resume_from_checkpoint: true to continue it"
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{uuid.uuid4().hex[:8]}"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write to output_dir '{out}' ({err.strerror or err}): choose another output_dir") from None
-    return out
+    logs.setup_logging()
 
 
 def claim_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
@@ -88,6 +47,7 @@ def claim_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
     out = check_output_dir(config, resume_from)
     continuing = resume_from is not None and resume_from.resolve().parent == out.resolve()
     try:
+        out.mkdir(parents=True, exist_ok=True)
         if continuing:
             trim_metrics_after(out, _checkpoint_step(resume_from))
         else:
@@ -110,6 +70,7 @@ def _checkpoint_step(path: Path) -> int:
 def make_accelerator() -> Any:
     """The accelerate engine this process trains with: one process, DDP, FSDP or DeepSpeed, as `accelerate launch`
     (or its environment) set it up; on a machine without GPUs, CPU processes over gloo."""
+    import torch
     from accelerate import Accelerator
 
     return Accelerator(cpu=not torch.cuda.is_available())
@@ -125,7 +86,9 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     """`train_dataset` / `eval_dataset` (a datasets.Dataset or a list of dicts) replace the config's datasets;
     `formatting_func` turns each raw row into text or into a row of any supported format."""
     run_started = time.perf_counter()
-    config.check_ready_to_train(dataset_given=train_dataset is not None)
+    # config, output folder, checkpoint and local paths: a mistake there is reported before anything slow loads
+    resume_from = check_before_loading(config, dataset_given=train_dataset is not None)
+    competition = CompetitionCheck()  # other work on our cores, measured over the start-up
 
     from accelerate.utils import set_seed
 
@@ -134,35 +97,26 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     from sftune.model.adapters import prepare_for_training
     from sftune.model.liger import check_liger
     from sftune.data.collate import make_collator
-    from sftune.model.load import (
-        check_model_files, load_model, load_processor, load_tokenizer,
-    )
+    from sftune.model.load import load_model, load_processor, load_tokenizer
     from sftune.training import sharded
-    from sftune.training.checkpoint import list_checkpoints, resolve_resume_path
     from sftune.training.loop import Trainer
     from sftune.tokenizer import attach_to_processor, fit_model_to_tokenizer
     from sftune.training.report import requested_trackers
 
     setup_logging()
+    threads, why_threads = use_threads(config)  # before loading and preparing, which compute too
     requested_trackers(config)  # a missing tracker package fails now, not after data preparation
     repo_id = check_push_settings(config) if config.push_to_hub else None  # and a missing Hub token
     if config.full_determinism:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = make_accelerator()
     output_dir = Path(config.output_dir).expanduser()
-    resume_from = resolve_resume_path(output_dir, config.resume_from_checkpoint)
     if config.resume_from_checkpoint is True and resume_from is None:
-        if output_dir.is_dir() and any(output_dir.iterdir()) and not list_checkpoints(output_dir):
-            raise UserError(f"resume_from_checkpoint: true, but output_dir '{output_dir}' holds no checkpoint")
         log.info("no checkpoint in %s yet: starting from the beginning", output_dir)
-    if accelerator.is_main_process:
-        check_output_dir(config, resume_from)
-    accelerator.wait_for_everyone()
     set_seed(config.seed, deterministic=config.full_determinism)
     if config.use_peft and config.learning_rate_is_default:
         log.info("learning_rate: %g, the default with use_peft (set learning_rate to change it)", config.learning_rate)
 
-    check_model_files(config)  # a missing or pickled checkpoint fails before the data is prepared
     check_liger(config)
     plan = plan_batching(config, device_type=accelerator.device.type, engine=sharded.engine_of(accelerator),
                          num_processes=accelerator.num_processes)  # impossible combinations fail here
@@ -189,6 +143,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
         trainer.resume(resume_from)
     log_plan(plan)
     log.info("training: %d steps (%d per epoch)", trainer.total_steps, trainer.steps_per_epoch)
+    competition.report(threads, why_threads, computing_on_cpu=accelerator.device.type == "cpu")
     started = time.perf_counter()
     history = trainer.fit()
     seconds = time.perf_counter() - started
@@ -197,7 +152,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     what = "adapter" if config.use_peft else "model"
     log.info("saved the %s to %s (%.0f s of training)", what, output_dir, seconds)
     result = TrainResult(output_dir, history, trainer.step, data.stats, seconds, plan, trainer.model, tokenizer,
-                         processor)
+                         processor, trainer.reporter.step_losses)
     if accelerator.is_main_process:
         describe_and_publish(result, config, repo_id, time.perf_counter() - run_started)
     return result
@@ -210,7 +165,8 @@ def describe_and_publish(result: TrainResult, config: SFTConfig, repo_id: str | 
     from sftune.export.hub import push_run
 
     summary = RunSummary(config, result.output_dir, result.data_stats, result.history, result.train_seconds,
-                         run_seconds, result.plan, repo_id, vision=result.processor is not None)
+                         run_seconds, result.plan, repo_id, vision=result.processor is not None,
+                         step_losses=result.step_losses)
     try:
         write_model_card(summary)
     except OSError as err:

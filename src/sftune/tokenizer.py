@@ -30,12 +30,18 @@ CHATML_TEMPLATE = (
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
-def read_template_file(path_text: str) -> str:
+def template_file(path_text: str) -> Path:
+    """The file chat_template_path names (a folder means its chat_template.jinja); it must exist."""
     path = Path(path_text).expanduser()
     if path.is_dir():
         path = path / "chat_template.jinja"
     if not path.is_file():
         raise ConfigError(f"config key 'chat_template_path' = {path_text!r}: no such file (expected a .jinja file)")
+    return path
+
+
+def read_template_file(path_text: str) -> str:
+    path = template_file(path_text)
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise ConfigError(f"config key 'chat_template_path' = {path_text!r}: the file is empty")

@@ -115,9 +115,17 @@ def open_split(spec: DatasetSpec, split: str) -> OpenedSplit:
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             return _open_saved_dataset(name, path, split)
         return _open_files(name, _files_for_split(path, split))
-    if path.suffix.lower() in LOCAL_SUFFIXES or name.startswith((".", "/", "~")):
-        raise DataError(f"dataset '{name}' does not exist: check the path in dataset_name")
+    check_dataset_path(name)
     return _open_hub(name, split, spec.subset)
+
+
+def check_dataset_path(name: str) -> None:
+    """A dataset named by a plainly local path (a data file's suffix, or starting with '.', '/' or '~') must exist;
+    any other name may be a Hub dataset id."""
+    if Path(name).expanduser().exists():
+        return
+    if Path(name).suffix.lower() in LOCAL_SUFFIXES or name.startswith((".", "/", "~")):
+        raise DataError(f"dataset '{name}' does not exist: check the path in dataset_name")
 
 
 def load_source(name: str, split: str = "train", config_name: str | None = None) -> SourceRows:

@@ -23,8 +23,21 @@ def fresh_output_dir(base: str = "sftune-demo") -> str:
     return str(candidate)
 
 
+def unfinished_output_dir(base: str = "sftune-demo") -> str | None:
+    """The newest of sftune-demo, sftune-demo-2, ... that holds a checkpoint and no finished adapter or model:
+    `sftune demo --resume_from_checkpoint true` continues that one."""
+    from sftune.preflight import FINAL_WEIGHTS
+    from sftune.training.checkpoint import list_checkpoints
+
+    candidates = [Path(base)] + sorted(Path(".").glob(f"{base}-*"), key=lambda p: p.stat().st_mtime)
+    unfinished = [folder for folder in candidates if folder.is_dir() and list_checkpoints(folder)
+                  and not any((folder / name).exists() for name in FINAL_WEIGHTS)]
+    return str(max(unfinished, key=lambda p: p.stat().st_mtime)) if unfinished else None
+
+
 def run_demo(overrides: dict[str, Any]) -> None:
     from sftune.assets import smollm2_model_dir
+    from sftune.cpu import use_threads
     from sftune.generation import greedy_answer
     from sftune.model.load import load_model, load_tokenizer
     from sftune.run import setup_logging, train
@@ -38,8 +51,11 @@ def run_demo(overrides: dict[str, Any]) -> None:
         **overrides,
     }
     config = load_config(Path(str(demo_files / "demo.yaml")), values)
+    if config.resume_from_checkpoint is True and "output_dir" not in overrides:
+        config.output_dir = unfinished_output_dir() or config.output_dir
 
-    before = greedy_answer(load_model(config), load_tokenizer(config), QUESTION)
+    use_threads(config)  # for the answer before training too; train() says how many
+    before = greedy_answer(load_model(config, quiet=True), load_tokenizer(config), QUESTION)
     result = train(config)
     after = greedy_answer(result.model, result.tokenizer, QUESTION)
 

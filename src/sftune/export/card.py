@@ -23,17 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from sftune.batching import BatchingPlan
-from sftune.config import SFTConfig
+from sftune.config import SFTConfig, changed_settings
 from sftune.export.save import staged_into
 
 log = logging.getLogger("sftune")
 
 CARD_FILENAME = "README.md"
 PLOT_FILENAME = "loss_curve.png"
+MIN_LOGGED_POINTS = 5  # fewer logged losses than this make a poor curve: the plot uses every step's loss instead
 METRICS_FILENAME = "metrics.jsonl"
 # Settings that say where things are or go rather than how the model was trained: the card shows them elsewhere.
-NOT_HYPERPARAMETERS = {"model_name_or_path", "dataset_name", "datasets"}
-NOT_HYPERPARAMETER_GROUPS = {"output", "checkpoints", "hub"}
+NOT_HYPERPARAMETERS = {"model_name_or_path", "dataset_name", "datasets", "output_dir", "overwrite_output_dir",
+                       "run_name", "report_to", "resume_from_checkpoint"}
+NOT_HYPERPARAMETER_GROUPS = {"hub"}
 FRAMEWORKS = ("sftune", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers")
 HUB_CACHE_FOLDER = re.compile(r"^models--([^/]+?)--([^/]+)$")  # huggingface_hub's cache: models--owner--name
 
@@ -52,6 +54,7 @@ class RunSummary:
     repo_id: str | None = None  # where the run is pushed, if it is
     vision: bool = False  # a vision-language model, saved with its processor
     metrics: list[dict[str, Any]] = field(default_factory=list)  # filled from metrics.jsonl by write_model_card
+    step_losses: list[dict[str, Any]] = field(default_factory=list)  # the loss of every step this process ran
 
 
 def write_model_card(summary: RunSummary) -> Path:
@@ -59,7 +62,7 @@ def write_model_card(summary: RunSummary) -> Path:
     summary.metrics = read_metrics(summary.output_dir) or list(summary.history)
     with staged_into(summary.output_dir) as stage:
         plotted = plot_loss_curve(summary.metrics, stage / PLOT_FILENAME, summary.config.run_name or
-                                  summary.output_dir.resolve().name)
+                                  summary.output_dir.resolve().name, summary.step_losses)
         (stage / CARD_FILENAME).write_text(card_text(summary, plotted), encoding="utf-8")
     log.info("wrote the model card %s%s", summary.output_dir / CARD_FILENAME,
              f" and the loss plot {PLOT_FILENAME}" if plotted else "")
@@ -77,11 +80,12 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- the plot
 
 
-def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str) -> bool:
+def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str,
+                    step_losses: list[dict[str, Any]] | None = None) -> bool:
     """Save `loss_figure` as a PNG. False when there is nothing to plot or matplotlib cannot draw (the card then
     goes without it and says so)."""
     try:
-        figure = loss_figure(metrics, title)
+        figure = loss_figure(metrics, title, step_losses)
         if figure is None:
             return False
         figure.savefig(path)
@@ -91,11 +95,21 @@ def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str) -> bo
         return False
 
 
-def loss_figure(metrics: list[dict[str, Any]], title: str) -> Any:
-    """Train loss, eval loss (when evaluated) and the learning rate on a second axis; None with no loss logged."""
+def loss_figure(metrics: list[dict[str, Any]], title: str, step_losses: list[dict[str, Any]] | None = None) -> Any:
+    """Train loss, eval loss (when evaluated) and the learning rate on a second axis; None with no loss logged.
+
+    With fewer than MIN_LOGGED_POINTS logged train losses (a short run, or logging_steps longer than the run), the
+    loss of every step is drawn instead, if there are more of those: a curve, not one dot.
+    """
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m and _finite(m["loss"])]
-    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m and _finite(m["eval_loss"])]
     rates = [(m["step"], m["learning_rate"]) for m in metrics if "learning_rate" in m]
+    label = "train loss"
+    every_step = [m for m in step_losses or [] if _finite(m.get("loss"))]
+    if len(train) < MIN_LOGGED_POINTS and len(every_step) > len(train):
+        train = [(m["step"], m["loss"]) for m in every_step]
+        rates = [(m["step"], m["learning_rate"]) for m in every_step]
+        label = "train loss (every step)"
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m and _finite(m["eval_loss"])]
     if not train and not evals:
         return None
     from matplotlib.figure import Figure  # no pyplot: nothing global changes in the caller's session
@@ -105,7 +119,7 @@ def loss_figure(metrics: list[dict[str, Any]], title: str) -> Any:
     marker = "o" if len(train) <= 30 else None
     lines = []
     if train:
-        lines += axes.plot(*zip(*train), color="tab:blue", marker=marker, markersize=3, label="train loss")
+        lines += axes.plot(*zip(*train), color="tab:blue", marker=marker, markersize=3, label=label)
     if evals:
         lines += axes.plot(*zip(*evals), color="tab:orange", marker="o", markersize=4, label="eval loss")
     axes.set_xlabel("optimizer step")
@@ -370,13 +384,9 @@ def _loss_scope(config: SFTConfig, stats: dict[str, Any]) -> str:
 
 
 def _settings_section(config: SFTConfig, plan: BatchingPlan) -> str:
-    defaults = SFTConfig(use_peft=config.use_peft)  # the learning rate's default depends on use_peft
     groups = {f.name: f.metadata.get("group") for f in dataclasses.fields(SFTConfig)}
-    changed = [
-        (name, value) for name, value in config.to_dict().items()
-        if value != getattr(defaults, name) and name not in NOT_HYPERPARAMETERS
-        and groups[name] not in NOT_HYPERPARAMETER_GROUPS
-    ]
+    changed = [(name, value) for name, value in changed_settings(config)
+               if name not in NOT_HYPERPARAMETERS and groups[name] not in NOT_HYPERPARAMETER_GROUPS]
     lines = [
         "## Training settings\n",
         f"{plan.describe_step().replace(' per step', ' per optimizer step')}, {plan.describe_layout()}, learning "

@@ -60,7 +60,9 @@ def push_run(output_dir: Path, repo_id: str, private: bool | None) -> str:
     The model card goes up as `card_for_repo` makes it (its quick start loading from `repo_id`); nothing in
     output_dir changes."""
     from huggingface_hub import CommitOperationAdd
-    from huggingface_hub.utils import filter_repo_objects
+    from huggingface_hub.utils import disable_progress_bars, filter_repo_objects
+
+    disable_progress_bars()  # the log says what is pushed; no bar per file
 
     from sftune.export.card import CARD_FILENAME, card_for_repo
 

@@ -85,3 +85,22 @@ def write_model(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, 
         if generation is not None:
             generation.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    give_normal_permissions(folder)
+
+
+def give_normal_permissions(folder: Path) -> None:
+    """Files and folders under `folder` (and itself) get the mode a plain open() or mkdir() gives under this umask.
+
+    safetensors writes its files with mode 0600 (a private temporary file, renamed), so the weights, alone of all
+    the files, could not be read by another user, a container or a serving process; tempfile folders are 0700.
+    """
+    umask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def current_umask() -> int:
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return umask

@@ -211,14 +211,9 @@ def merge_adapter(run_dir: str | Path, output: str | Path, overwrite: bool = Fal
     """
     from sftune.export.save import save_new_folder
 
-    run_dir, output = Path(run_dir).expanduser(), Path(output).expanduser()
-    if not is_adapter_folder(run_dir):
-        what = "a full model (nothing to merge)" if (run_dir / "config.json").is_file() else "no adapter"
-        raise UserError(f"'{run_dir}' holds {what}: expected a run folder with {ADAPTER_CONFIG}")
-    if output.exists() and not output.is_dir():
-        raise UserError(f"output '{output}' is a file: choose a new folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"output '{output}' already exists and is not empty: choose a new folder, or pass --overwrite")
+    from sftune.preflight import check_merge_folders
+
+    run_dir, output = check_merge_folders(run_dir, output, overwrite)
     log.info("merging the adapter in %s into its base model", run_dir)
     model, saved_with = load_adapter_run(run_dir)
     with _quiet_peft():

@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sftune.config import SFTConfig
 from sftune.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("sftune")
 
@@ -168,14 +169,17 @@ def load_processor(config: SFTConfig) -> Any | None:
 
 
 def torch_dtype(name: str) -> torch.dtype | str:
+    import torch
+
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def load_model(config: SFTConfig, device: torch.device | str | None = None) -> Any:
+def load_model(config: SFTConfig, device: torch.device | str | None = None, quiet: bool = False) -> Any:
     """The pretrained model in the configured dtype, attention kernel and quantization.
 
     `device` places a quantized model directly (bitsandbytes weights are quantized as they are loaded, and an
-    8-bit model cannot be moved afterwards); other models are moved by the training loop.
+    8-bit model cannot be moved afterwards); other models are moved by the training loop. `quiet` leaves out the
+    log line (for a second load of a model the log has already described).
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -218,7 +222,7 @@ def load_model(config: SFTConfig, device: torch.device | str | None = None) -> A
 
         apply_liger_kernels(model)
     total = parameter_count(model.parameters())
-    log.info(
+    (log.debug if quiet else log.info)(
         "model: %s (%s, %.1fM parameters, %s%s)", name, type(model).__name__, total / 1e6, model.dtype,
         ", " + _quantization_label(config) if quantization is not None else "",
     )
@@ -246,6 +250,8 @@ def _init_kwargs(config: SFTConfig) -> dict[str, Any]:
 
 def compute_dtype(config: SFTConfig) -> torch.dtype:
     """The dtype quantized layers compute in: config.dtype, or the checkpoint's own dtype when 'auto'."""
+    import torch
+
     if config.dtype != "auto":
         return getattr(torch, config.dtype)
     stored = getattr(load_model_config(config), "dtype", None)

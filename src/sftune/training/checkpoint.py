@@ -17,12 +17,14 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from sftune.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("sftune")
 
@@ -60,6 +62,8 @@ def resolve_resume_path(output_dir: Path, resume: bool | str | None) -> Path | N
 
 
 def rng_state() -> dict[str, Any]:
+    import torch
+
     numpy_state = np.random.get_state()
     state = {
         "python": _to_lists(random.getstate()),
@@ -72,6 +76,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     random.setstate(_to_tuples(state["python"]))
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
@@ -111,6 +117,8 @@ def publish_checkpoint(
 
     `save_model_files(folder)` writes the model; `optimizer` is None when its shards were saved by every process.
     """
+    import torch
+
     final = stage.parent / f"{PREFIX}{step}"
     try:
         save_model_files(stage)
@@ -150,6 +158,8 @@ def _fsync_tree(folder: Path) -> None:
 
 def load_training_state(path: Path) -> dict[str, Any]:
     """Optimizer, scheduler and RNG states, and the trainer state; our own files, loaded without pickle."""
+    import torch
+
     optimizer_file = path / "optimizer.pt"
     try:
         return {

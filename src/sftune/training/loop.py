@@ -13,8 +13,8 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from sftune.errors import TrainingError, TrainingInterrupted, UserError
 from sftune.export.save import save_model
 from sftune.generation import greedy_answer
 from sftune.training import checkpoint, sharded
+from sftune.training.interrupt import StopSignals
 from sftune.training.loss import CausalLMWithLoss
 from sftune.training.metrics import TokenTotals, eval_metrics, train_metrics
 from sftune.training.optim import build_optimizer, build_scheduler
@@ -82,7 +83,8 @@ class Trainer:
         self.totals = TokenTotals(source_names, config.loss_type == "dft", accelerator.device)
         self.interval_seconds = 0.0
         self.last_eval_step = -1
-        self.stop_signal: int | None = None
+        self.signals: StopSignals | None = None  # while fit runs
+        self.rng_at_step_start: list[dict[str, Any]] | None = None  # what a checkpoint of the last step holds
 
     @property
     def model(self) -> torch.nn.Module:
@@ -96,13 +98,18 @@ class Trainer:
                                  self.accelerator.is_main_process, self.step)
         history: list[dict[str, Any]] = []
         try:
-            with self._signals_caught():
+            with StopSignals(self.output_dir, self._last_checkpoint_text) as self.signals:
                 while self.step < self.total_steps:
                     epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
                     learning_rate = self.scheduler.get_last_lr()[0]
                     started = time.perf_counter()
+                    if self.world_size == 1:  # a stop within the step saves the state as it is now
+                        self.rng_at_step_start = [checkpoint.rng_state()]
                     micro_batches = self._micro_batches(epoch_order(self.train_rows, self.config, epoch), step_in_epoch)
-                    step_tokens, grad_norm, step_loss = self._optimizer_step(micro_batches)
+                    try:
+                        step_tokens, grad_norm, step_loss = self._optimizer_step(micro_batches)
+                    except _StepAbandoned as stopped:
+                        self._stop_within_step(stopped)
                     self.interval_seconds += time.perf_counter() - started
                     self.step += 1
                     self.num_tokens += step_tokens
@@ -117,11 +124,12 @@ class Trainer:
                     if self._due(self.config.save_strategy, self.config.save_steps, epoch_done):
                         self.save_checkpoint()
                     if self._stop_requested():
-                        path = self.save_checkpoint()
-                        raise TrainingInterrupted(self.step, str(path), self.stop_signal or signal.SIGINT)
+                        path = self._checkpoint_of_last_step()
+                        raise TrainingInterrupted(self.step, str(path), self.signals.signal_number or signal.SIGINT)
                 if self.config.eval_strategy != "no" and self.eval_rows and self.last_eval_step != self.step:
                     history.append(self.evaluate())  # the final model is always evaluated
         finally:
+            self.signals = None
             self.reporter.close()
         return history
 
@@ -143,6 +151,9 @@ class Trainer:
                 out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
                 sharded.backward(accelerator, out["loss_sum"] * scale, last)
             step_totals.add(out["token_stats"], _trained(sources, batch["targets"]))
+            self.reporter.micro_batch_done(i + 1, len(micro_batches))
+            if not last and self._stop_asked_within_step():
+                raise _StepAbandoned(i + 1, len(micro_batches))
         blank = accelerator.unwrap_model(self.loss_model).blank_images
         if blank is not None:  # vision (issue 14): no process had images this step: no vision gradients at all
             drop_blank_gradients(accelerator.unwrap_model(self.loss_model),
@@ -237,8 +248,10 @@ class Trainer:
         self.last_eval_step = self.step
         return metrics
 
-    def save_checkpoint(self) -> Path:
-        """checkpoint-<step>: every process takes part (random generators, sharded weights and optimizer)."""
+    def save_checkpoint(self, rng_states: list[dict[str, Any]] | None = None) -> Path:
+        """checkpoint-<step>: every process takes part (random generators, sharded weights and optimizer).
+
+        `rng_states` replaces the generators' current states (a stop within a step saves those at its start)."""
         from accelerate.utils import gather_object
 
         accelerator = self.accelerator
@@ -246,7 +259,7 @@ class Trainer:
         if accelerator.is_main_process:
             checkpoint.prepare_stage(stage)
         accelerator.wait_for_everyone()
-        rng_states = gather_object([checkpoint.rng_state()])
+        rng_states = rng_states or gather_object([checkpoint.rng_state()])
         state_dict = sharded.full_state_dict(accelerator, self.loss_model)
         if sharded.is_sharded(accelerator):
             sharded.save_shards(accelerator, stage)
@@ -297,38 +310,47 @@ class Trainer:
                 ) from None
         self.accelerator.wait_for_everyone()
 
-    # ------------------------------------------------------------------ stopping on a signal
+    # ------------------------------------------------------------------ stopping on a signal (training/interrupt.py)
 
-    @contextmanager
-    def _signals_caught(self) -> Iterator[None]:
-        """SIGINT / SIGTERM ask the loop to stop after the current step, with a checkpoint; a second one acts now."""
-        previous: dict[int, Any] = {}
+    def _stop_asked_within_step(self) -> bool:
+        """One process stops at a micro-batch boundary; several agree once per step (in _stop_requested), since
+        their micro-batches need not line up."""
+        return self.world_size == 1 and self.signals is not None and self.signals.requested.is_set()
 
-        def request_stop(signum: int, frame: Any) -> None:
-            self.stop_signal = signum
-            signal.signal(signum, previous[signum])
-            log.warning("signal %d: stopping after this step and saving a checkpoint", signum)
-
-        try:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                previous[signum] = signal.signal(signum, request_stop)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+    def _stop_within_step(self, stopped: _StepAbandoned) -> None:
+        """Drop the unfinished step's gradients and stop with the checkpoint of the last completed step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        log.warning("stopped in step %d after micro-batch %d of %d; this step will run again from its start",
+                    self.step + 1, stopped.done, stopped.total)
+        path = self._checkpoint_of_last_step(self.rng_at_step_start)
+        raise TrainingInterrupted(self.step, str(path), self.signals.signal_number or signal.SIGINT)
 
     def _stop_requested(self) -> bool:
-        wanted = float(self.stop_signal is not None)
+        wanted = float(self.signals is not None and self.signals.requested.is_set())
         return self._sum_over_processes(wanted) > 0 if self.world_size > 1 else bool(wanted)
+
+    def _checkpoint_of_last_step(self, rng_states: list[dict[str, Any]] | None = None) -> Path:
+        """checkpoint-<step>, saved now unless this step's checkpoint is already there."""
+        saved = dict(checkpoint.list_checkpoints(self.output_dir))
+        return saved[self.step] if self.step in saved else self.save_checkpoint(rng_states)
+
+    def _last_checkpoint_text(self) -> str:
+        saved = checkpoint.list_checkpoints(self.output_dir)
+        return f"the last checkpoint, {saved[-1][1]}, is intact" if saved else "no checkpoint had been saved yet"
 
     def _sum_over_processes(self, value: float) -> float:
         if self.world_size == 1:
             return float(value)
         tensor = torch.tensor(value, dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(tensor, reduction="sum"))
+
+
+class _StepAbandoned(Exception):
+    """A stop was asked for in the middle of an optimizer step: it ends after micro-batch `done` of `total`."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"stopped after micro-batch {done} of {total}")
+        self.done, self.total = done, total
 
 
 def _trained(sources: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor | None:

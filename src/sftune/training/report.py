@@ -7,12 +7,17 @@ import logging
 import math
 import resource
 import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sftune.config import SFTConfig, without_secrets
 from sftune.errors import UserError
@@ -94,20 +99,45 @@ _TRACKERS = {"tensorboard": _TensorBoard, "wandb": _WandB, "trackio": _Trackio}
 
 
 class Reporter:
-    """Everything goes through the main process; on the others every method does nothing."""
+    """Everything goes through the main process; on the others every method does nothing.
+
+    While the bar is shown, sftune's log lines (logs.py), metric lines and Python warnings are written above it.
+    """
+
+    REFRESH_SECONDS = 0.5  # the in-step position is redrawn at most this often
 
     def __init__(self, config: SFTConfig, output_dir: Path, total_steps: int, enabled: bool, initial_step: int = 0):
         self.enabled = enabled
         self.output_dir = output_dir
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", disable=not enabled,
                         dynamic_ncols=True, file=sys.stderr)
+        self.steps_done = initial_step
+        self.step_postfix = ""
+        self.step_losses: list[dict[str, float]] = []  # every step's loss: the plot of a run with few logged points
+        self.last_refresh = 0.0
         run_name = config.run_name or output_dir.resolve().name
         self.trackers = [_TRACKERS[name](config, output_dir, run_name) for name in requested_trackers(config)] \
             if enabled else []
+        self.redirects = ExitStack()
+        if enabled:  # warnings and transformers' log, too, go above the bar
+            self.redirects.enter_context(_warnings_above_bars())
+            self.redirects.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger("transformers")]))
 
     def step(self, loss: float, learning_rate: float, tokens_per_second: float) -> None:
+        self.steps_done += 1
+        self.step_losses.append({"step": self.steps_done, "loss": loss, "learning_rate": learning_rate})
+        self.step_postfix = f"loss={loss:.4f}, lr={learning_rate:.2e}, tok/s={tokens_per_second:,.0f}"
+        self.bar.set_postfix_str(self.step_postfix, refresh=False)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+
+    def micro_batch_done(self, done: int, total: int) -> None:
+        """Progress within a long step: micro-batches done of the step's total, shown beside the last step's loss."""
+        now = time.monotonic()
+        if total <= 1 or done >= total or now - self.last_refresh < self.REFRESH_SECONDS:
+            return
+        self.last_refresh = now
+        inside = f"step {self.steps_done + 1}: micro-batch {done}/{total}"
+        self.bar.set_postfix_str(f"{self.step_postfix}, {inside}" if self.step_postfix else inside)
 
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -123,9 +153,25 @@ class Reporter:
 
     def close(self) -> None:
         self.bar.close()
+        self.redirects.close()
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
+
+
+@contextmanager
+def _warnings_above_bars() -> Iterator[None]:
+    """Python warnings written through tqdm (warnings.showwarning is the documented hook for where they go)."""
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: str | None = None):
+        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n")
+        tqdm.write(text, file=file or sys.stderr)
+
+    shown = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def trim_metrics_after(output_dir: Path, step: int) -> None:
