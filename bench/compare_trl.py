@@ -515,8 +515,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="compare-trl-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
-    import torch
-
     model_dir, data_file = workdir / "model", workdir / "conversations.jsonl"
     params = build_model_dir(model_dir, args.model_config, args.dtype, inputs)
     rows = chitchat_rows(conversations, inputs)

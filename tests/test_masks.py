@@ -245,7 +245,6 @@ def test_real_humaneval_prompts_stay_exact_prefixes(smollm2_tokenizer):
 
     with gzip.open(asset_folder("humaneval") / "HumanEval.jsonl.gz", "rt") as handle:
         rows = [{"prompt": r["prompt"], "completion": r["canonical_solution"]} for r in map(json.loads, handle)][:20]
-    tokenizer = smollm2_tokenizer
     data = prepare(smollm2_tokenizer, rows)
     merged = 0
     for row, source in zip(data.train_rows, rows):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import IMAGE_TOKEN, collator, random_images, write_jsonl
 from vision_families import assistant, user
+
 from sftune import SFTConfig, train
 from sftune.cli import main
 from sftune.data.images import load_image
@@ -125,7 +125,7 @@ def test_a_row_too_long_for_its_images_is_dropped_and_counted(tiny_llava_dir, im
     assert "1 dropped (1 image beyond max length)" in caplog.text
 
     with pytest.raises(DataError, match=r"3 have images whose tokens do not fit in max_length=8 .*raise max_length "
-                                        rf"\(dataset: .*long.jsonl\)"):
+                                        r"\(dataset: .*long.jsonl\)"):
         prepared(config_for(tiny_llava_dir, data_file, max_length=8))
 
 

@@ -1,0 +1,151 @@
+"""SFTConfig: every group's settings in one dataclass, resolved and checked as a whole.
+
+The groups live in their own modules (model, adapters, data, training, evaluation, checkpoints, output and Hub);
+SFTConfig inherits them all. A dataclass lists inherited fields from the last base to the first, so the bases are
+written in reverse of the order `--help` shows them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from sftune.config.adapters import AdapterSettings
+from sftune.config.checkpoints import CheckpointSettings
+from sftune.config.compat import ALIASES, NOT_SUPPORTED
+from sftune.config.data import DataSettings, loss_mask_of_flags
+from sftune.config.evaluation import EvaluationSettings
+from sftune.config.fields import (
+    SEE_HELP,
+    Problems,
+    coerce,
+    default_of,
+    join_problems,
+    type_label,
+)
+from sftune.config.model import ModelSettings
+from sftune.config.output import HubSettings, OutputSettings
+from sftune.config.training import TrainingSettings, unset_learning_rate
+from sftune.errors import ConfigError, did_you_mean
+
+
+@dataclass
+class SFTConfig(HubSettings, OutputSettings, CheckpointSettings, EvaluationSettings, TrainingSettings,
+                DataSettings, AdapterSettings, ModelSettings):
+    """Everything that defines a run. Build it in Python, from a YAML file, or from CLI flags: the same schema."""
+
+    def __post_init__(self) -> None:
+        hints = type_hints()
+        problems = []  # every mistyped key at once, not one per run
+        for f in dataclasses.fields(self):
+            try:
+                setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
+            except ConfigError as err:
+                problems.append(str(err))
+        if problems:
+            raise ConfigError(join_problems(problems))
+        # Resolved here, so the saved config holds the value used and repeats the run as it was.
+        self.learning_rate_is_default = self.learning_rate is None
+        if self.learning_rate is None:
+            self.learning_rate = unset_learning_rate(self.use_peft)
+        if self.resume_from_checkpoint is False:
+            self.resume_from_checkpoint = None
+        self.loss_mask = self._resolved_loss_mask()
+        found = Problems(self)  # every value out of range and every conflict at once
+        for check in (self._check_model, self._check_adapters, self._check_data, self._check_training,
+                      self._check_evaluation, self._check_checkpoints, self._check_output, self._check_hub):
+            check(found)
+        found.raise_any()
+
+    def check_ready_to_train(self, dataset_given: bool = False) -> None:
+        """The keys a training run cannot do without; checked at train time, so a partial config can be built."""
+        if self.model_name_or_path is None:
+            raise ConfigError("missing required key 'model_name_or_path': set it in the YAML file or with "
+                              "--model_name_or_path")
+        if not dataset_given and self.dataset_name is None and not self.datasets:
+            raise ConfigError("missing required key 'dataset_name': set it (or 'datasets') in the YAML file "
+                              "or with --dataset_name")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> SFTConfig:
+        """Build from a plain mapping (parsed YAML, CLI flags); unknown keys get a did-you-mean error."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: expected a mapping of key: value, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        resolved: dict[str, Any] = {}
+        problems = []  # every bad key of the file at once: a TRL config is cleared in one run, not one per key
+        for key, value in values.items():
+            name = ALIASES.get(key, key)
+            if name not in known:
+                problems.append(unknown_key_message(str(key)))
+            elif name in resolved:
+                problems.append(f"key '{name}' is given twice (once as '{key}')")
+            else:
+                resolved[name] = value
+        if problems:
+            raise ConfigError(f"{where}: {join_problems(problems)}")
+        return cls(**resolved)
+
+    def save(self, path: Any) -> None:
+        """Write the resolved config as YAML that `sftune train <path>` runs again, atomically (sftune.config.files)."""
+        from sftune.config.files import save_config
+
+        save_config(self, path)
+
+
+_HINTS: dict[str, Any] = {}
+
+
+def type_hints() -> dict[str, Any]:
+    """Every field's type, evaluated once."""
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(SFTConfig))
+    return _HINTS
+
+
+def unknown_key_message(key: str) -> str:
+    """What to say about a key the schema does not have: not supported (and what instead), a close key, or --help."""
+    if key in NOT_SUPPORTED:
+        return f"key '{key}' is not supported: {NOT_SUPPORTED[key]}"
+    names = [f.name for f in dataclasses.fields(SFTConfig)] + list(ALIASES)
+    hint = did_you_mean(key, names)
+    for alias, target in ALIASES.items():  # suggest the field an alias stands for
+        hint = hint.replace(f"'{alias}'", f"'{target}'")
+    return f"unknown key '{key}'{hint or SEE_HELP}"
+
+
+# Settings the schema fills in when they are unset, from the others: what "unset" resolves to for a config.
+RESOLVED_WHEN_UNSET = {
+    "learning_rate": lambda config: unset_learning_rate(config.use_peft),
+    "loss_mask": lambda config: loss_mask_of_flags(config) or "completion",
+}
+
+
+def changed_settings(config: SFTConfig) -> list[tuple[str, Any]]:
+    """(name, value) of every setting that differs from its default as `sftune train --help` shows it, in schema
+    order. A setting the schema fills in when unset (learning_rate, loss_mask) differs only when it is not what
+    unset gives."""
+    changed = []
+    for _, name, default, _, _ in field_help():
+        value = getattr(config, name)
+        if name in RESOLVED_WHEN_UNSET:
+            default = RESOLVED_WHEN_UNSET[name](config)
+        if value != default:
+            changed.append((name, value))
+    return changed
+
+
+def field_help() -> list[tuple[str, str, Any, str, str]]:
+    """(group, name, default, type label, help) for every field, in schema order: what `--help` prints."""
+    hints = type_hints()
+    return [(f.metadata["group"], f.name, default_of(f), type_label(hints[f.name]), f.metadata["help"])
+            for f in dataclasses.fields(SFTConfig)]
+
+
+def field_is_bool(name: str) -> bool:
+    return type_hints()[name] is bool

@@ -1,0 +1,100 @@
+"""The training group: the optimizer step (learning rate, batch, accumulation, length of the run, schedule,
+AdamW's settings, clipping, seed) and the engine under it (optimizer kind, loss, numerics, threads, compilation)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from sftune.config.fields import Problems, opt
+
+# Adapters train far fewer weights from zero (LoRA's B), and take a larger step than full fine-tuning.
+DEFAULT_LEARNING_RATE = 2e-5
+DEFAULT_PEFT_LEARNING_RATE = 2e-4
+
+
+def unset_learning_rate(use_peft: bool) -> float:
+    """The learning rate a config that leaves it unset trains with (README, `--help`)."""
+    return DEFAULT_PEFT_LEARNING_RATE if use_peft else DEFAULT_LEARNING_RATE
+
+
+@dataclass
+class TrainingSettings:
+    learning_rate: float | None = opt(
+        None, "Peak learning rate of AdamW (unset: 2e-5, or 2e-4 with use_peft).", "training"
+    )
+    per_device_train_batch_size: int = opt(8, "Rows per micro-batch on each device.", "training")
+    gradient_accumulation_steps: int = opt(
+        1, "Micro-batches per optimizer step; the loss is normalised by the trained tokens of the whole step.",
+        "training",
+    )
+    num_train_epochs: float = opt(3.0, "Passes over the training data (fractions allowed).", "training")
+    max_steps: int = opt(-1, "Optimizer steps to run; overrides num_train_epochs when positive.", "training")
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"] = opt(
+        "linear", "Learning-rate schedule after warm-up.", "training"
+    )
+    lr_scheduler_kwargs: dict = opt(
+        {}, "Extra schedule settings, e.g. {min_lr_rate: 0.1} or {min_lr: 1e-6} for cosine_with_min_lr.", "training"
+    )
+    warmup_ratio: float = opt(0.0, "Fraction of the optimizer steps spent warming the learning rate up.", "training")
+    warmup_steps: int = opt(0, "Warm-up length in optimizer steps (instead of warmup_ratio).", "training")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay (never applied to biases and norms).", "training")
+    adam_beta1: float = opt(0.9, "AdamW beta1.", "training")
+    adam_beta2: float = opt(0.999, "AdamW beta2.", "training")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.", "training")
+    max_grad_norm: float = opt(1.0, "Clip the gradient's global L2 norm to this value (0: no clipping).", "training")
+    seed: int = opt(42, "Random seed for initialisation, shuffling and dropout.", "training")
+
+
+    # engine: optimizer, loss, numerics
+    optim: Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit", "sgd"] = opt(
+        "adamw_torch_fused",
+        "Optimizer: AdamW (fused kernel, or torch's multi-tensor one), 8-bit AdamW (bitsandbytes), or plain SGD.",
+        "training",
+    )
+    loss_type: Literal["nll", "dft"] = opt(
+        "nll", "nll: cross-entropy; dft: each token's loss weighted by its own detached probability.", "training"
+    )
+    loss_chunk_size: int | None = opt(
+        None, "Trained tokens projected to the vocabulary at once in the loss (unset: ~256 MB of logits).",
+        "training",
+    )
+    on_nonfinite_loss: Literal["stop", "skip"] = opt(
+        "stop", "What a NaN/inf loss does: stop the run naming the step, or skip that optimizer step.", "training"
+    )
+    num_threads: int | None = opt(
+        None,
+        "CPU threads for torch's math. Unset: OMP_NUM_THREADS when set, else the cores this process may use (its "
+        "CPU affinity and cgroup quota). The log says when other work competes for those cores: then fewer threads "
+        "are often much faster.",
+        "training",
+    )
+    torch_compile: bool = opt(False, "Compile the model's backbone with torch.compile (slow first steps).", "training")
+    full_determinism: bool = opt(
+        False, "Use deterministic kernels everywhere (slower; bitwise-repeatable runs on GPU).", "training"
+    )
+
+    def _check_training(self, problems: Problems) -> None:
+        need = problems.need
+        need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1")
+        need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
+        need(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "must be >= 1, or -1 to use num_train_epochs")
+        need(self.max_steps != -1 or self.num_train_epochs > 0, "num_train_epochs", "must be > 0 when max_steps is -1")
+        need(math.isfinite(self.num_train_epochs), "num_train_epochs", "must be a finite number")
+        need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(0.0 <= self.adam_beta1 < 1.0, "adam_beta1", "must be in [0, 1)")
+        need(0.0 <= self.adam_beta2 < 1.0, "adam_beta2", "must be in [0, 1)")
+        need(self.adam_epsilon > 0, "adam_epsilon", "must be > 0")
+        need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+        need(self.seed >= 0, "seed", "must be >= 0")
+        need(self.loss_chunk_size is None or self.loss_chunk_size >= 1, "loss_chunk_size", "must be >= 1")
+        need(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
+        if self.warmup_ratio > 0 and self.warmup_steps > 0:
+            problems.add(
+                f"config keys 'warmup_ratio' ({self.warmup_ratio}) and 'warmup_steps' ({self.warmup_steps}) "
+                "are both set: keep one of them"
+            )
