@@ -19,6 +19,7 @@ from conftest import conversations, write_jsonl
 from sftune import SFTConfig, train
 from sftune.cli import main
 from sftune.errors import UserError
+from sftune.output_guard import MERGE_MARKER
 
 APPENDED_LOGS = {"metrics.jsonl", "samples.jsonl"}
 
@@ -109,6 +110,7 @@ def test_merge_never_replaces_a_folder_with_half_a_model(tiny_model_dir, tmp_pat
     merged = tmp_path / "merged"
     merged.mkdir()
     (merged / "model.safetensors").write_text("an earlier merge")
+    (merged / MERGE_MARKER).write_text("{}")  # which sftune merge wrote: --overwrite may replace it
     assert main(["merge", str(run), "--output", str(merged)]) == 2  # refused without --overwrite
 
     real_write = save.write_model
@@ -120,13 +122,14 @@ def test_merge_never_replaces_a_folder_with_half_a_model(tiny_model_dir, tmp_pat
     monkeypatch.setattr(save, "write_model", write_then_fail)
     with pytest.raises(OSError):
         main(["merge", str(run), "--output", str(merged), "--overwrite"])
-    assert [p.name for p in merged.iterdir()] == ["model.safetensors"]
+    assert sorted(p.name for p in merged.iterdir()) == ["model.safetensors", MERGE_MARKER]
     assert (merged / "model.safetensors").read_text() == "an earlier merge"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl", "merged", "run"]
 
     monkeypatch.setattr(save, "write_model", real_write)
     assert main(["merge", str(run), "--output", str(merged), "--overwrite"]) == 0
     assert (merged / "config.json").is_file() and (merged / "model.safetensors").stat().st_size > 1000
+    assert json.loads((merged / MERGE_MARKER).read_text())["merged_from"] == str(run)
 
 
 def test_a_failed_start_leaves_output_dir_reusable(tiny_model_dir, tmp_path):

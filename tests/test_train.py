@@ -135,8 +135,23 @@ def test_existing_output_dir_is_never_overwritten(tiny_model_dir, chat_jsonl, tm
     assert main(argv) == 2
     assert "already holds files" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep me" and not (out / CONFIG_FILENAME).exists()
-    assert main(argv + ["--overwrite_output_dir"]) == 0
-    assert (out / "model.safetensors").is_file()
+    assert main(argv + ["--overwrite_output_dir"]) == 2  # it replaces an earlier run, not the user's own files
+    assert "holds files no sftune run wrote (precious.txt)" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me" and not (out / CONFIG_FILENAME).exists()
+
+
+def test_overwrite_output_dir_replaces_the_earlier_run_whole(tiny_model_dir, chat_jsonl, tmp_path, capsys):
+    """The earlier run's later checkpoints must not survive: a resume would continue the other run's weights."""
+    out = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(chat_jsonl),
+            "--output_dir", str(out), "--save_steps", "1"]
+    assert main(argv + ["--max_steps", "3"]) == 0
+    assert {"checkpoint-2", "checkpoint-3"} <= {p.name for p in out.iterdir()}
+    (out / "checkpoint-3" / "stale-marker").write_text("from the earlier run")
+    assert main(argv + ["--max_steps", "1", "--overwrite_output_dir"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "checkpoint-1" in names and not {"checkpoint-2", "checkpoint-3"} & names
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_max_length_truncates(tiny_model_dir, chat_jsonl, tmp_path):

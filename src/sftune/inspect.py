@@ -16,6 +16,7 @@ from sftune.config import SFTConfig
 from sftune.data.doctor_report import inspect_lines
 from sftune.data.order import epoch_order
 from sftune.data.render import CHECKS, IGNORE_INDEX
+from sftune.errors import UserError
 
 TRAINED_ON, TRAINED_OFF = "\033[1;32m", "\033[0m"
 HTML_EXAMPLES = 5  # examples on the --html page, at least
@@ -23,6 +24,8 @@ HTML_EXAMPLES = 5  # examples on the --html page, at least
 
 def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int = 3, out: TextIO | None = None,
                  as_json: bool = False, html: str | None = None) -> None:
+    config.check_ready_to_train()
+    check_report_paths(config, jsonl, html)  # before any work: never over the user's data
     import torch
 
     from sftune.data.prepare import prepare_documents, prepare_train_data
@@ -30,7 +33,6 @@ def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int 
     from sftune.run import setup_logging
 
     out = out or sys.stdout  # the current one (a default argument would keep the one at import)
-    config.check_ready_to_train()
     setup_logging()
     # as a single-process `sftune train` on this machine would batch the rows
     plan = plan_batching(config, device_type="cuda" if torch.cuda.is_available() else "cpu")
@@ -145,6 +147,17 @@ def trained_runs(tokenizer: Any, ids: np.ndarray, labels: np.ndarray) -> list[tu
                          bool(trained[start])))
             start = end
     return runs
+
+
+def check_report_paths(config: SFTConfig, jsonl: str | None, html: str | None) -> None:
+    from sftune.output_guard import check_jsonl_output, config_inputs, refuse_overlap
+
+    if jsonl:
+        check_jsonl_output(Path(jsonl), config)
+    if html:
+        refuse_overlap(html, config_inputs(config), "--html")
+        if Path(html).is_dir():
+            raise UserError(f"--html '{html}' is a folder: give a file name, for example {Path(html) / 'report.html'}")
 
 
 def write_jsonl(path: Path, documents: list) -> None:

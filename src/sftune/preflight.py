@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sftune.config import CONFIG_FILENAME, SFTConfig
 from sftune.errors import UserError
+from sftune.output_guard import check_merge_output, check_overwrite_output_dir, config_inputs, refuse_overlap
 
 # What a finished run leaves in output_dir (a full model, or an adapter).
 FINAL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
@@ -53,8 +54,11 @@ def check_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
     out = Path(config.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file, not a folder: choose another output_dir")
+    refuse_overlap(out, config_inputs(config), "output_dir", replaces_contents=config.overwrite_output_dir)
     continuing = resume_from is not None and resume_from.resolve().parent == out.resolve()
     restarting = config.resume_from_checkpoint is True and resume_from is None and out.is_dir() and unfinished_run(out)
+    if config.overwrite_output_dir and not (continuing or restarting):
+        check_overwrite_output_dir(out)
     if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or continuing or restarting):
         raise UserError(
             f"output_dir '{out}' already holds files (another run?): choose another output_dir, "
@@ -115,8 +119,5 @@ def check_merge_folders(run_dir: str | Path, output: str | Path, overwrite: bool
     if not (run_dir / "adapter_config.json").is_file():
         what = "a full model (nothing to merge)" if (run_dir / "config.json").is_file() else "no adapter"
         raise UserError(f"'{run_dir}' holds {what}: expected a run folder with adapter_config.json")
-    if output.exists() and not output.is_dir():
-        raise UserError(f"output '{output}' is a file: choose a new folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"output '{output}' already exists and is not empty: choose a new folder, or pass --overwrite")
+    check_merge_output(run_dir, output, overwrite)
     return run_dir, output

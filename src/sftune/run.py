@@ -42,11 +42,14 @@ def setup_logging() -> None:
 
 def claim_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
     """Take output_dir for this run once its model and data are ready: a failed start leaves nothing behind."""
+    from sftune.output_guard import clear_earlier_run
     from sftune.training.report import trim_metrics_after
 
     out = check_output_dir(config, resume_from)
     continuing = resume_from is not None and resume_from.resolve().parent == out.resolve()
     try:
+        if config.overwrite_output_dir and not continuing and out.is_dir():
+            clear_earlier_run(out)  # its later checkpoints would otherwise be resumed as this run's
         out.mkdir(parents=True, exist_ok=True)
         if continuing:
             trim_metrics_after(out, _checkpoint_step(resume_from))

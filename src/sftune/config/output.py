@@ -17,7 +17,8 @@ HUB_MODEL_ID = re.compile(rf"^(?:{_HUB_NAME}/)?{_HUB_NAME}$")
 class OutputSettings:
     output_dir: str = opt("trainer_output", "Folder for the trained model, metrics and the resolved config.", "output")
     overwrite_output_dir: bool = opt(
-        False, "Allow writing into an output_dir that already holds files (they may be replaced).", "output"
+        False, "Replace an earlier sftune run in output_dir: its files are removed when this run starts (a folder "
+        "holding anything else is refused).", "output"
     )
     logging_steps: int = opt(10, "Write a line to metrics.jsonl every this many optimizer steps.", "output")
     report_to: list[str] = opt(

@@ -49,7 +49,8 @@ def save_model(model: Any, tokenizer: Any, output_dir: Path, state_dict: dict[st
         write_model(model, tokenizer, stage, state_dict)
 
 
-def save_new_folder(model: Any, tokenizer: Any, target: Path, overwrite: bool = False) -> None:
+def save_new_folder(model: Any, tokenizer: Any, target: Path, overwrite: bool = False,
+                    extra_files: dict[str, str] | None = None) -> None:
     """Write a model into `target`, which must not exist or be empty unless `overwrite`, in one step.
 
     Everything is written to a hidden sibling folder first and renamed to `target` at the end, so `target`
@@ -65,6 +66,8 @@ def save_new_folder(model: Any, tokenizer: Any, target: Path, overwrite: bool = 
     stage.mkdir()
     try:
         write_model(model, tokenizer, stage)
+        for name, text in (extra_files or {}).items():
+            (stage / name).write_text(text, encoding="utf-8")
         if target.is_dir() and any(target.iterdir()):
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             target.rename(old)

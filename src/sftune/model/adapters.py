@@ -210,6 +210,7 @@ def merge_adapter(run_dir: str | Path, output: str | Path, overwrite: bool = Fal
     config, so it stops at the end-of-turn token the adapter was trained to write.
     """
     from sftune.export.save import save_new_folder
+    from sftune.output_guard import merge_marker
 
     from sftune.preflight import check_merge_folders
 
@@ -218,7 +219,7 @@ def merge_adapter(run_dir: str | Path, output: str | Path, overwrite: bool = Fal
     model, saved_with = load_adapter_run(run_dir)
     with _quiet_peft():
         merged = model.merge_and_unload()
-    save_new_folder(merged, saved_with, output, overwrite=overwrite)
+    save_new_folder(merged, saved_with, output, overwrite=overwrite, extra_files=merge_marker(run_dir))
     log.info("saved the merged model to %s", output)
     return output
 
