@@ -304,3 +304,16 @@ def test_a_resumed_run_saves_the_config_that_repeats_it(tmp_path):
     other = str(tmp_path / "other" / "checkpoint-4")  # started from another run's checkpoint: part of the run
     SFTConfig(output_dir=str(out), resume_from_checkpoint=other).save(tmp_path / "c.yaml")
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["resume_from_checkpoint"] == other
+
+
+def test_environment_variables_in_paths_are_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("SFTUNE_TEST_ROOT", str(tmp_path))
+    config = load_config(None, {"output_dir": "${SFTUNE_TEST_ROOT}/runs/a", "dataset_name": "$SFTUNE_TEST_ROOT/d.jsonl"})
+    assert config.output_dir == f"{tmp_path}/runs/a" and config.dataset_name == f"{tmp_path}/d.jsonl"
+    assert load_config(None, {"dataset_name": "org/name"}).dataset_name == "org/name"  # a Hub id as it was
+
+
+def test_one_generation_prompt_with_commas_stays_one_prompt():
+    config = load_config(None, {"generation_prompts": "Hello, how are you?"})
+    assert config.generation_prompts == ["Hello, how are you?"]
+    assert load_config(None, {"report_to": "tensorboard, wandb"}).report_to == ["tensorboard", "wandb"]

@@ -45,6 +45,23 @@ def test_jsonl_json_csv_parquet_and_arrow_read_alike(tmp_path):
         assert load_source(str(tmp_path / name)).rows == ROWS, name
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    """Excel's "CSV UTF-8" and some editors' JSON start with a BOM: without care it joins the first key's name."""
+    bom = "\ufeff"
+    (tmp_path / "excel.csv").write_text(bom + "text\nhello world\nhow are you\nfine thanks\n", encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text(bom + "".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    (tmp_path / "b.json").write_text(bom + json.dumps(ROWS), encoding="utf-8")
+    for name in ("excel.csv", "a.jsonl", "b.json"):
+        assert load_source(str(tmp_path / name)).rows == ROWS, name
+
+
+def test_hidden_copies_in_a_dataset_folder_are_not_rows(tmp_path):
+    write_jsonl(tmp_path / "d" / "chats.jsonl", ROWS)
+    write_jsonl(tmp_path / "d" / ".ipynb_checkpoints" / "chats-checkpoint.jsonl", ROWS)  # Jupyter's copy
+    write_jsonl(tmp_path / "d" / ".chats.jsonl", ROWS[:1])
+    assert load_source(str(tmp_path / "d")).rows == ROWS
+
+
 def test_folder_of_files_and_split_names(tmp_path):
     write_jsonl(tmp_path / "plain" / "part1.jsonl", ROWS[:2])
     write_jsonl(tmp_path / "plain" / "part2.jsonl", ROWS[2:])

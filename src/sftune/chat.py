@@ -8,6 +8,7 @@ generation config. Interactive chat keeps the conversation's history and prints 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -83,8 +84,8 @@ def run_chat(run_dir: str, prompt: str | None = None, system: str | None = None,
     """One answer to `prompt`, or (without a prompt) an interactive chat until /exit or end of input."""
     if max_new_tokens < 1:
         raise UserError(f"--max_new_tokens {max_new_tokens}: must be >= 1")
-    if temperature < 0:
-        raise UserError(f"--temperature {temperature}: must be >= 0 (0: greedy)")
+    if not math.isfinite(temperature) or temperature < 0:  # nan passes `< 0` and would sample garbage
+        raise UserError(f"--temperature {temperature}: must be a number >= 0 (0: greedy)")
     model, tokenizer = load_run(run_dir)
     session = ChatSession(model, tokenizer, system, max_new_tokens, temperature)
     if prompt is not None:

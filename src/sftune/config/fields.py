@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import field
@@ -63,8 +66,28 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
+# Keys that name a local path (or a Hub id): `$VAR` and `${VAR}` in them are expanded as a shell would.
+PATH_KEYS = {"model_name_or_path", "dataset_name", "output_dir", "chat_template_path", "adapter_name_or_path",
+             "resume_from_checkpoint"}
+# Lists of free text: one string given for them is one item, though it holds commas.
+WHOLE_TEXT_LISTS = {"generation_prompts"}
+
+
+def expand_variables(key: str, value: Any) -> Any:
+    """`$HOME/data`, `${RUN}/out` in a path: expanded; an unset variable is an error, not a folder named '$RUN'."""
+    if not isinstance(value, str) or "$" not in value:
+        return value
+    for name in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", value):
+        if name not in os.environ:
+            raise ConfigError(f"config key '{key}' = {value!r}: environment variable ${name} is not set: set it, "
+                              "or write the path out")
+    return os.path.expandvars(value)
+
+
 def coerce(key: str, value: Any, hint: Any) -> Any:
     """Turn a value from YAML (typed) or a CLI flag (text) into the field's type, or say clearly why not."""
+    if key in PATH_KEYS:
+        value = expand_variables(key, value)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType) and type(None) in args:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")):
@@ -109,14 +132,19 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
                     pass
         raise ConfigError(f"config key '{key}' = {value!r}: expected a whole number")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:  # YAML reads `1e-4` (no dot) as text, so numbers arrive as strings from files too
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}' = {value!r}: expected a number")
+        if number is None:
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a number")
+        if not math.isfinite(number):  # .inf / .nan pass every range check written as a comparison
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a finite number")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -127,7 +155,9 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
                 value = json.loads(value)
             except json.JSONDecodeError:
                 raise ConfigError(f"config key '{key}': not a valid JSON list") from None
-        if isinstance(value, str):
+        if isinstance(value, str) and key in WHOLE_TEXT_LISTS:
+            value = [value]
+        elif isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' = {value!r}: expected a list")

@@ -137,7 +137,9 @@ def load_source(name: str, split: str = "train", config_name: str | None = None)
 
 
 def _files_for_split(folder: Path, split: str) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+    # Hidden files and folders (.ipynb_checkpoints, .git, editor back-ups) hold copies, not training rows.
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
         raise DataError(f"dataset folder '{folder}' holds no {', '.join(LOCAL_SUFFIXES)} files")
     named = {p: _split_of(p) for p in files}
@@ -206,7 +208,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     if suffix == ".json":
         return _read_json_document(path)
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             return [dict(row) for row in csv.DictReader(handle)]
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -224,7 +226,7 @@ def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark is no data
             except UnicodeDecodeError as err:
                 raise DataError(f"{path} line {number}: not UTF-8 text (byte {err.start} of the line): "
                                 "save the file as UTF-8") from None
@@ -241,7 +243,7 @@ def _read_json_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_json_document(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
