@@ -186,3 +186,26 @@ def test_public_train_is_the_function_even_after_importing_the_training_package(
     import sftune.training.loop  # noqa: F401  (a subpackage import must not shadow sftune.train)
 
     assert callable(importlib.import_module("sftune").train) and sftune.train.__doc__.startswith("Fine-tune")
+
+
+def test_a_crash_at_step_1_leaves_a_folder_the_same_command_reuses(tiny_model_dir, chat_jsonl, tmp_path, monkeypatch,
+                                                                   capsys):
+    """The crashed run left its config but no checkpoint: rerunning must not be refused as "already holds files",
+    and the crash itself is one line asking for a report (exit 1), not a traceback."""
+    from sftune.training.loop import Trainer
+
+    out = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(chat_jsonl),
+            "--output_dir", str(out), "--max_steps", "2"]
+
+    def crash(self, micro_batches):
+        raise RuntimeError("boom inside a step")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Trainer, "_optimizer_step", crash)
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "internal error (RuntimeError: boom inside a step)" in err and "--debug" in err and "Traceback" not in err
+    assert (out / CONFIG_FILENAME).is_file()  # what the crash left behind
+    assert main(argv) == 0
+    assert (out / "model.safetensors").is_file()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sftune import config as cfg
-from sftune.errors import ConfigError, TrainingInterrupted, UserError
+from sftune.errors import EXIT_INTERNAL_ERROR, ConfigError, TrainingInterrupted, UserError, message_of_unexpected
 
 EXIT_USER_ERROR = 2
 
@@ -230,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sftune: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # the one boundary: a line that says what happened, never a raw traceback
+        if debug:
+            raise
+        message, users_to_fix = message_of_unexpected(err)
+        print(f"sftune: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR if users_to_fix else EXIT_INTERNAL_ERROR
 
 
 # The command line of `sftune train --num_processes N`, handed to the processes it starts (for the resume hint).

@@ -25,6 +25,41 @@ class TrainingInterrupted(Exception):
         self.step, self.checkpoint, self.signal_number = step, checkpoint, signal_number
 
 
+def write_failure_reason(err: BaseException) -> str | None:
+    """Why writing a file failed, when `err` is that (an OSError, or safetensors' own error for a full disk);
+    None for any other exception."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err) or type(err).__name__
+    if "No space left on device" in str(err) or "StorageFull" in str(err):
+        return "No space left on device"
+    return None
+
+
+EXIT_INTERNAL_ERROR = 1
+REPORT_HINT = "run again with --debug for the traceback, and report it at the sftune issue tracker with that output"
+
+
+def message_of_unexpected(err: BaseException) -> tuple[str, bool]:
+    """One line for an exception that is not a UserError, and whether the user can fix it (not a bug in sftune).
+
+    A full disk or a file that cannot be read or written is the machine's state, not a bug: it is said plainly.
+    safetensors reports a full disk in its own error type, so the text is checked as well as the errno.
+    """
+    import errno
+
+    text = str(err)
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in text or "StorageFull" in text:
+        where = f" while writing {err.filename}" if getattr(err, "filename", None) else ""
+        return (f"no space left on the device{where}: free some space (or choose another output_dir), then run "
+                "the same command again; a run continues from its last complete checkpoint"), True
+    if isinstance(err, OSError):
+        where = f" '{err.filename}'" if err.filename else ""
+        reason = err.strerror or text or type(err).__name__
+        return f"cannot use{where}: {reason}: check the path and its permissions", True
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"internal error ({type(err).__name__}{': ' + first if first else ''}); {REPORT_HINT}", False
+
+
 def closest_names(word: str, names: list[str] | tuple[str, ...], most: int = 2) -> list[str]:
     """The names `word` was probably meant to be, best first; none when nothing is close enough.
 

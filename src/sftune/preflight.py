@@ -56,7 +56,9 @@ def check_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
         raise UserError(f"output_dir '{out}' is a file, not a folder: choose another output_dir")
     refuse_overlap(out, config_inputs(config), "output_dir", replaces_contents=config.overwrite_output_dir)
     continuing = resume_from is not None and resume_from.resolve().parent == out.resolve()
-    restarting = config.resume_from_checkpoint is True and resume_from is None and out.is_dir() and unfinished_run(out)
+    # a run that stopped before its first checkpoint (a crash at step 1, a full disk) left only its config and
+    # log lines: the same command starts it over, with or without resume_from_checkpoint
+    restarting = resume_from is None and out.is_dir() and unfinished_run(out)
     if config.overwrite_output_dir and not (continuing or restarting):
         check_overwrite_output_dir(out)
     if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or continuing or restarting):

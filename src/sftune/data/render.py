@@ -169,10 +169,20 @@ class ExampleTokenizer:
 
     def _pretokenized(self, examples: list[dict]) -> list[Tokenized]:
         results = []
+        vocabulary = len(self.tokenizer)
         for e in examples:
-            ids = np.asarray(e["input_ids"], dtype=np.int32)
-            labels = ids.copy() if e["labels"] is None else np.asarray(e["labels"], dtype=np.int32)
-            results.append(Tokenized(ids, labels))
+            ids = np.asarray(e["input_ids"], dtype=np.int64)
+            labels = ids.copy() if e["labels"] is None else np.asarray(e["labels"], dtype=np.int64)
+            result = Tokenized(ids.astype(np.int32), labels.astype(np.int32))
+            # an id outside the vocabulary would fail deep inside the embedding, at step 1, with no row named
+            bad_ids = np.flatnonzero((ids < 0) | (ids >= vocabulary))
+            bad_labels = np.flatnonzero(((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocabulary))
+            if len(bad_ids) or len(bad_labels):
+                name, values, where = ("input_ids", ids, bad_ids) if len(bad_ids) else ("labels", labels, bad_labels)
+                result.error = (f"field '{name}' holds {int(values[where[0]])} at position {int(where[0])}, outside "
+                                f"the tokenizer's vocabulary (0..{vocabulary - 1}{', or -100' if name == 'labels' else ''}"
+                                "): tokenize the data with this model's tokenizer")
+            results.append(result)
         return results
 
     # ------------------------------------------------------------ conversations

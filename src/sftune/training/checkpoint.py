@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sftune.errors import UserError
+from sftune.errors import UserError, write_failure_reason
 
 if TYPE_CHECKING:
     import torch
@@ -136,15 +136,16 @@ def publish_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             stage.rename(final)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(stage, ignore_errors=True)
-        raise UserError(
-            f"could not write checkpoint-{step} in {stage.parent} ({err.strerror or err}); the earlier checkpoints "
-            "are untouched: free some space, then continue with resume_from_checkpoint: true"
-        ) from None
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        reason = write_failure_reason(err)
+        if reason is None:
+            raise
+        earlier = list_checkpoints(stage.parent)
+        then = (f"continue from checkpoint-{earlier[-1][0]} with resume_from_checkpoint: true" if earlier else
+                "run the same command again (no earlier checkpoint: the run starts over)")
+        raise UserError(f"could not write checkpoint-{step} in {stage.parent} ({reason}); the earlier checkpoints "
+                        f"are untouched: free some space, then {then}") from None
     return final
 
 

@@ -25,7 +25,7 @@ from sftune.batching import BatchingPlan
 from sftune.config import CONFIG_FILENAME, SFTConfig
 from sftune.data.order import epoch_order
 from sftune.data.render import IGNORE_INDEX
-from sftune.errors import TrainingError, TrainingInterrupted, UserError
+from sftune.errors import TrainingError, TrainingInterrupted, UserError, write_failure_reason
 from sftune.export.save import save_model
 from sftune.generation import greedy_answer
 from sftune.training import checkpoint, sharded
@@ -303,9 +303,12 @@ class Trainer:
         if self.accelerator.is_main_process:
             try:
                 save_model(self.model, self.saved_with_model, self.output_dir, state_dict)
-            except OSError as err:
+            except Exception as err:
+                reason = write_failure_reason(err)
+                if reason is None:
+                    raise
                 raise UserError(
-                    f"could not save the model to {self.output_dir} ({err.strerror or err}); files already there are "
+                    f"could not save the model to {self.output_dir} ({reason}); files already there are "
                     "untouched, and the checkpoints (if any) can be resumed with resume_from_checkpoint: true"
                 ) from None
         self.accelerator.wait_for_everyone()
