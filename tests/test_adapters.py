@@ -173,8 +173,8 @@ def test_resume_a_lora_run_from_its_checkpoint(tiny_model_dir, chat_jsonl, tmp_p
     checkpoint = tmp_path / "full" / "checkpoint-2"
     assert [step for step, _ in list_checkpoints(tmp_path / "full")] == [2, 4]
     assert ADAPTER_FILES <= {p.name for p in checkpoint.iterdir()} and not (checkpoint / "model.safetensors").exists()
-    resumed = train(lora_config(tiny_model_dir, chat_jsonl, tmp_path / "resumed", max_steps=4,
-                                per_device_train_batch_size=4, resume_from_checkpoint=str(checkpoint)))
+    resumed = train(lora_config(tiny_model_dir, chat_jsonl, tmp_path / "resumed", max_steps=4, save_strategy="steps",
+                                save_steps=2, per_device_train_batch_size=4, resume_from_checkpoint=str(checkpoint)))
     losses = [e["loss"] for e in full.history if "loss" in e]
     assert [e["loss"] for e in resumed.history if "loss" in e] == losses[2:]
     first, second = (load_file(r.output_dir / "adapter_model.safetensors") for r in (full, resumed))

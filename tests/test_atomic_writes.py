@@ -159,7 +159,7 @@ def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_the_resume(tiny_model_
     metrics = tmp_path / "o" / "metrics.jsonl"
     with metrics.open("a") as handle:
         handle.write('{"step": 2, "loss": 1.2')  # the kill came in the middle of this line
-    result = train(SFTConfig(max_steps=2, resume_from_checkpoint=True, **settings))
+    result = train(SFTConfig(max_steps=2, resume_from_checkpoint=True, resume_allow_changes=True, **settings))
     assert result.global_step == 2
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [line["step"] for line in lines if "loss" in line] == [1, 2]

@@ -205,9 +205,9 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(dropout_model_dir,
     Steps of 8 rows: the run crosses epoch boundaries (reshuffling), with packed rows too, and dropout makes
     every step depend on the random generators.
     """
-    settings = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=7, packing=packing)
-    full = train(config_for(dropout_model_dir, data_file, tmp_path / "full", save_strategy="steps", save_steps=3,
-                            **settings))
+    settings = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=7, packing=packing,
+                    save_strategy="steps", save_steps=3)
+    full = train(config_for(dropout_model_dir, data_file, tmp_path / "full", **settings))
     assert [step for step, _ in list_checkpoints(tmp_path / "full")] == [3, 6]
     resumed = train(config_for(dropout_model_dir, data_file, tmp_path / "resumed",
                                resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"), **settings))

@@ -23,6 +23,7 @@ def check_before_loading(config: SFTConfig, dataset_given: bool = False) -> Path
     Returns the checkpoint to continue from, or None to start from the beginning.
     """
     from sftune.training.checkpoint import resolve_resume_path
+    from sftune.training.same_run import check_same_run
 
     config.check_ready_to_train(dataset_given=dataset_given)
     output_dir = Path(config.output_dir).expanduser()
@@ -30,6 +31,8 @@ def check_before_loading(config: SFTConfig, dataset_given: bool = False) -> Path
     if config.resume_from_checkpoint is True and resume_from is None and output_dir.is_dir() \
             and any(output_dir.iterdir()) and not unfinished_run(output_dir):
         raise UserError(f"resume_from_checkpoint: true, but output_dir '{output_dir}' holds no checkpoint")
+    if resume_from is not None:
+        check_same_run(config, resume_from)
     if os.environ.get("RANK", "0") == "0":  # under a data-parallel launch the first process checks the folder
         check_output_dir(config, resume_from)
     check_input_paths(config, dataset_given)

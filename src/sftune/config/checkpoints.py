@@ -19,6 +19,10 @@ class CheckpointSettings:
         None, "true: continue from the newest checkpoint in output_dir; or a checkpoint folder to continue from.",
         "checkpoints",
     )
+    resume_allow_changes: bool = opt(
+        False, "Resume although steps, epochs, logging, saving or evaluation settings differ from the checkpoint's "
+        "(each change is logged). Settings that change training are refused whatever this says.", "checkpoints"
+    )
 
     def _check_checkpoints(self, problems: Problems) -> None:
         problems.need(self.save_steps >= 1, "save_steps", "must be >= 1")

@@ -34,7 +34,7 @@ MIN_LOGGED_POINTS = 5  # fewer logged losses than this make a poor curve: the pl
 METRICS_FILENAME = "metrics.jsonl"
 # Settings that say where things are or go rather than how the model was trained: the card shows them elsewhere.
 NOT_HYPERPARAMETERS = {"model_name_or_path", "dataset_name", "datasets", "output_dir", "overwrite_output_dir",
-                       "run_name", "report_to", "resume_from_checkpoint"}
+                       "run_name", "report_to", "resume_from_checkpoint", "resume_allow_changes"}
 NOT_HYPERPARAMETER_GROUPS = {"hub"}
 FRAMEWORKS = ("sftune", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers")
 HUB_CACHE_FOLDER = re.compile(r"^models--([^/]+?)--([^/]+)$")  # huggingface_hub's cache: models--owner--name
