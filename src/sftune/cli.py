@@ -36,6 +36,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             *flags, dest=name, default=argparse.SUPPRESS, metavar=label,
             help=f"{help_text} (default: {shown})".replace("%", "%%"), **extra,
         )
+    # TRL's other keys and the older names: flags too (a TRL command line runs), listed in one short section.
+    from sftune.config.trl import compatibility_help, other_names
+
+    trl = parser.add_argument_group("accepted for TRL compatibility", compatibility_help().replace("%", "%%"))
+    for name in other_names():
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        if any(flag in parser._option_string_actions for flag in flags):  # TRL's `debug` is sftune's --debug here
+            continue
+        trl.add_argument(*flags, dest=name, default=argparse.SUPPRESS, nargs="?", const="true", help=argparse.SUPPRESS)
 
 
 def _build_parser() -> argparse.ArgumentParser:

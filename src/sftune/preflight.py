@@ -81,14 +81,15 @@ def check_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
 
 def check_input_paths(config: SFTConfig, dataset_given: bool = False) -> None:
     """The local files a run reads exist (a name that is not plainly a local path may be a Hub id)."""
-    from sftune.data.sources import check_dataset_path, dataset_specs
+    from sftune.data.sources import check_dataset_path, dataset_specs, local_files_of
     from sftune.tokenizer import template_file
     from sftune.model.load import check_model_files
 
     check_model_files(config)
     if not dataset_given:
         for spec in dataset_specs(config):
-            check_dataset_path(spec.path)
+            if local_files_of(spec, spec.split) is None:  # data_files / data_dir are checked by finding them
+                check_dataset_path(spec.path)
     if config.chat_template_path:
         template_file(config.chat_template_path)
     adapter = config.adapter_name_or_path
