@@ -63,6 +63,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="Train data-parallel in N processes through `accelerate launch` (one per GPU; on a machine without "
         "GPUs, N CPU processes over gloo). For FSDP or DeepSpeed, use `accelerate launch` with a config file.",
     )
+    train.add_argument(
+        "--dry_run", "--dry-run", action="store_true",
+        help="Check everything a run checks before training (config, output folder, files, tokenizer, template on "
+        "a sample of rows) and print the resolved config and the plan (precision, batching, steps, rows and "
+        "trained tokens per step, checkpoints, what is saved); trains and writes nothing.",
+    )
     _add_config_flags(train)
 
     inspect = commands.add_parser(
@@ -150,7 +156,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     if args.command is None:
         parser.print_help()
         raise SystemExit(EXIT_USER_ERROR)
-    reserved = {"command", "config", "debug", "num_processes", "run_dir", "output", "jsonl", "num_examples",
+    reserved = {"command", "config", "debug", "num_processes", "dry_run", "run_dir", "output", "jsonl", "num_examples",
                 "overwrite", "prompt", "system", "max_new_tokens", "temperature", "as_json", "html"}
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     return args, overrides
@@ -180,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
             set_resume_command(lambda output_dir: resume_command(typed, output_dir))
         if args.command == "train":
             config = cfg.load_config(args.config, overrides)  # a bad config fails here, before any launch
+            if args.dry_run:
+                from sftune.dry_run import dry_run
+
+                dry_run(config, num_processes=args.num_processes)
+                return 0
             if args.num_processes > 1:
                 from sftune.launch import launch_data_parallel
                 from sftune.preflight import check_before_loading

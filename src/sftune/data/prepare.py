@@ -134,11 +134,14 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
 
 def prepare_documents(config: SFTConfig, tokenizer: Any, limit: int | None = None, train_dataset: Any = None,
                       formatting_func: Callable[[dict], Any] | None = None,
-                      processor: Any = None) -> tuple[list[Documents], list[SourceRows]]:
+                      processor: Any = None, sizes: dict | None = None) -> tuple[list[Documents], list[SourceRows]]:
     """The training documents of each source in dataset order, before mixing and packing (for `sftune inspect`);
-    with `limit`, only from the first `limit` rows of each source."""
+    with `limit`, only from the first `limit` rows of each source. `sizes` (--dry_run) receives each source's
+    whole train and eval row counts, before `limit` cuts them."""
     inputs = _open_inputs(config, tokenizer, train_dataset, None, formatting_func, processor)
     sources = _read_sources(inputs, config)
+    if sizes is not None:
+        sizes.update(train=[len(s.train) for s in sources], eval=[len(s.eval) for s in sources])
     if limit is not None:
         for source in sources:
             source.train, source.train_index, source.eval = source.train[:limit], source.train_index[:limit], []
