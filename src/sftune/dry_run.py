@@ -41,7 +41,8 @@ class DataPlan:
         return sum(self.mixed_rows)
 
 
-def dry_run(config: SFTConfig, num_processes: int = 1, out: TextIO | None = None) -> None:
+def dry_run(config: SFTConfig, num_processes: int = 1, accelerate_config: str | None = None,
+            out: TextIO | None = None) -> None:
     from sftune.preflight import check_input_paths, check_output_dir, unfinished_run
     from sftune.training.checkpoint import resolve_resume_path
 
@@ -61,8 +62,8 @@ def dry_run(config: SFTConfig, num_processes: int = 1, out: TextIO | None = None
 
     setup_logging()
     device_type = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
-    plan = plan_batching(config, device_type=device_type, engine="ddp" if num_processes > 1 else "single",
-                         num_processes=num_processes)
+    engine = engine_of_launch(num_processes, accelerate_config)
+    plan = plan_batching(config, device_type=device_type, engine=engine, num_processes=num_processes)
     data = _sample_data(config)
     if config.eval_strategy != "no" and not data.eval_rows:
         raise UserError(f"eval_strategy: {config.eval_strategy}, but there is no eval data: set dataset_test_split "
@@ -71,8 +72,25 @@ def dry_run(config: SFTConfig, num_processes: int = 1, out: TextIO | None = None
     print("# resolved config (what the run saves as sftune_config.yaml)", file=out)
     print(yaml.safe_dump(without_secrets(config.to_dict()), sort_keys=False, allow_unicode=True).rstrip(), file=out)
     print("\n# plan", file=out)
+    if engine != "single" or accelerate_config:
+        how = f" with accelerate config {accelerate_config}" if accelerate_config else ""
+        print(f"launch: `accelerate launch`{how}: {num_processes} process{'es' if num_processes > 1 else ''}, "
+              f"{engine.upper() if engine != 'single' else 'one process'}", file=out)
     for line in plan_lines(config, plan, data, resume_from):
         print(line, file=out)
+
+
+def engine_of_launch(num_processes: int, accelerate_config: str | None) -> str:
+    """The engine a launch would train with: TRL's named configs by name, a config file by its distributed_type."""
+    kind = accelerate_config or ""
+    if accelerate_config and Path(accelerate_config).expanduser().is_file():
+        settings = yaml.safe_load(Path(accelerate_config).expanduser().read_text()) or {}
+        kind = str(settings.get("distributed_type", "")).lower()
+    if kind.startswith(("zero", "deepspeed")):
+        return "deepspeed"
+    if kind.startswith("fsdp"):
+        return "fsdp"
+    return "ddp" if num_processes > 1 else "single"
 
 
 def _sample_data(config: SFTConfig) -> DataPlan:

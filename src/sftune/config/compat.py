@@ -49,6 +49,30 @@ ALIASES: dict[str, Alias] = {
 }
 
 
+# Keys of TRL's command line (and its YAML files) that go to `accelerate launch`, not to the trainer. `sftune train`
+# takes them the same way: N data-parallel processes, and an accelerate config file or one of TRL's named ones.
+LAUNCH_KEYS = ("num_processes", "accelerate_config")
+TRL_ACCELERATE_CONFIGS = ("single_gpu", "multi_gpu", "zero1", "zero2", "zero3", "fsdp1", "fsdp2")
+
+
+def check_launch_value(key: str, value: Any) -> Any:
+    """A launch key's value, checked: a whole number of processes >= 1, or a named or existing accelerate config."""
+    from pathlib import Path
+
+    from sftune.config.fields import coerce
+
+    if key == "num_processes":
+        number = coerce(key, value, int)
+        if number < 1:
+            raise ConfigError(f"config key 'num_processes' = {value!r}: must be >= 1")
+        return number
+    name = coerce(key, value, str)
+    if name not in TRL_ACCELERATE_CONFIGS and not Path(name).expanduser().is_file():
+        raise ConfigError(f"config key 'accelerate_config' = {name!r}: not an accelerate config file, nor one of "
+                          f"TRL's named configs ({', '.join(TRL_ACCELERATE_CONFIGS)})")
+    return name
+
+
 # Keys another tool may bring that are not TRL's, with what to do instead.
 NOT_SUPPORTED = {
     "push_to_hub_token": "a token in the config would be saved with the run: set HF_TOKEN or run `hf auth login`",

@@ -14,7 +14,7 @@ from typing import Any
 
 from sftune.config.adapters import AdapterSettings
 from sftune.config.checkpoints import CheckpointSettings
-from sftune.config.compat import ALIASES, NOT_SUPPORTED
+from sftune.config.compat import ALIASES, LAUNCH_KEYS, NOT_SUPPORTED, check_launch_value
 from sftune.config.trl import TRL_KEY, accepts_as_no_op, refusal
 from sftune.config.data import DataSettings, loss_mask_of_flags
 from sftune.config.evaluation import EvaluationSettings
@@ -43,7 +43,7 @@ class SFTConfig(HubSettings, OutputSettings, CheckpointSettings, EvaluationSetti
     """
 
     def __init__(self, **values: Any) -> None:
-        resolved, self.ignored_keys, problems = resolve_keys(values)
+        resolved, self.ignored_keys, self.launch_settings, problems = resolve_keys(values)
         if problems:
             raise ConfigError(join_problems(problems))
         for f in dataclasses.fields(self):
@@ -109,7 +109,7 @@ class SFTConfig(HubSettings, OutputSettings, CheckpointSettings, EvaluationSetti
         """Build from a plain mapping (parsed YAML, CLI flags); unknown keys get a did-you-mean error."""
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: expected a mapping of key: value, got {type(values).__name__}")
-        _, _, problems = resolve_keys(values)
+        problems = resolve_keys(values)[-1]
         if problems:
             raise ConfigError(f"{where}: {join_problems(problems)}")
         return cls(**{str(key): value for key, value in values.items()})
@@ -128,14 +128,16 @@ def field_names() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(SFTConfig))
 
 
-def resolve_keys(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    """(field values, ignored TRL keys, problems) of a mapping of keys: every bad key of a file at once, so that a
-    TRL config is cleared in one run, not one per key. A field wins over the TRL table (so a not-yet key becomes a
-    field when a merge adds it); then aliases (converted); then TRL's other keys (config/trl.py)."""
+def resolve_keys(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[str]]:
+    """(field values, ignored TRL keys, launch keys, problems) of a mapping of keys: every bad key of a file at
+    once, so that a TRL config is cleared in one run, not one per key. A field wins over the TRL table (so a not-yet
+    key becomes a field when a merge adds it); then aliases (converted); then TRL's launch keys and its other keys
+    (config/trl.py)."""
     fields = field_names()
     resolved: dict[str, Any] = {}
     spelled: dict[str, str] = {}  # field -> the key that gave it
     ignored: dict[str, Any] = {}
+    launch: dict[str, Any] = {}
     problems: list[str] = []
     for key, value in values.items():
         key, name = str(key), str(key)
@@ -150,6 +152,12 @@ def resolve_keys(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
                 except ConfigError as err:
                     problems.append(str(err))
                     continue
+        elif key in LAUNCH_KEYS:
+            try:
+                launch[key] = check_launch_value(key, value)
+            except ConfigError as err:
+                problems.append(str(err))
+            continue
         elif key in TRL_KEY:
             row = TRL_KEY[key]
             if row.status != "field" and accepts_as_no_op(row, value):
@@ -165,7 +173,7 @@ def resolve_keys(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
             problems.append(f"key '{name}' is given twice (as '{spelled[name]}' and as '{key}'): keep one of them")
         else:
             resolved[name], spelled[name] = value, key
-    return resolved, ignored, problems
+    return resolved, ignored, launch, problems
 
 
 def type_hints() -> dict[str, Any]:
