@@ -52,7 +52,7 @@ def test_padding_free_rows_under_a_sharded_engine_are_refused(engine):
 
 
 def test_group_by_length_with_packing_is_refused():
-    with pytest.raises(ConfigError, match="'group_by_length' and 'packing' are both true"):
+    with pytest.raises(ConfigError, match="'group_by_length' and 'packing' are both set"):
         plan(packing=True, group_by_length=True, max_length=64)
 
 

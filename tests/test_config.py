@@ -79,7 +79,7 @@ def test_saved_config_round_trips(tmp_path):
         ({"num_train_epochs": 0}, "'num_train_epochs' = 0.0: must be > 0"),
         ({"max_length": 1}, "'max_length' = 1: must be >= 2"),
         ({"warmup_ratio": 1.5}, "'warmup_ratio' = 1.5: must be in [0, 1)"),
-        ({"warmup_ratio": 0.1, "warmup_steps": 5}, "'warmup_ratio' (0.1) and 'warmup_steps' (5) are both set"),
+        ({"warmup_ratio": 0.1, "warmup_steps": 5}, "key 'warmup_steps' is given twice (as 'warmup_ratio' and as 'warmup_steps')"),
         ({"adam_beta2": 1.0}, "'adam_beta2' = 1.0: must be in [0, 1)"),
         ({"logging_steps": 0}, "'logging_steps' = 0: must be >= 1"),
         ({"max_grad_norm": -1}, "must be >= 0"),
@@ -235,22 +235,24 @@ def test_unquoted_no_in_yaml_is_the_choice_no(tmp_path):
 
 def test_every_bad_key_of_a_file_is_reported_in_one_line(tmp_path):
     path = tmp_path / "trl.yaml"
-    path.write_text("shuffle_dataset: true\nlora_task_type: CAUSAL_LM\nuse_cpu: true\nlearnig_rate: 1.0e-4\n"
-                    "bf16: true\nmax_seq_length: 64\nmax_length: 64\n")
+    path.write_text("fsdp: full_shard\nlora_task_type: SEQ_CLS\ngpu_count: true\nlearnig_rate: 1.0e-4\n"
+                    "bf16: true\nmax_seq_length: 64\nmax_length: 64\ndo_train: true\n")
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{path}: 6 problems: ")
-    for part in ("unknown key 'shuffle_dataset'", "unknown key 'lora_task_type'", "unknown key 'use_cpu'",
-                 "unknown key 'learnig_rate' (did you mean 'learning_rate'?)", "'bf16' is not supported",
+    for part in ("key 'fsdp' = 'full_shard' is not supported: FSDP", "key 'lora_task_type' = 'SEQ_CLS' is not "
+                 "supported: sftune trains causal", "unknown key 'gpu_count'",
+                 "unknown key 'learnig_rate' (did you mean 'learning_rate'?)", "'bf16' = True is not supported yet",
                  "key 'max_length' is given twice"):
         assert part in message
-    assert message.count("did you mean") == 1  # not datasets, loss_type or use_peft for the three foreign keys
+    assert "do_train" not in message  # a TRL key that means nothing here is accepted
+    assert message.count("did you mean") == 1  # not use_cpu or use_peft for the foreign key
     assert message.endswith("(see `sftune train --help`)") and message.count("sftune train --help") == 1
 
 
 @pytest.mark.parametrize("key,suggested", [
-    ("shuffle_dataset", None), ("lora_task_type", None), ("use_cpu", None), ("colour", None),
+    ("shuffle_rows", None), ("task_type", None), ("gpu_count", None), ("colour", None),
     ("learnig_rate", "learning_rate"), ("gradient_acumulation_steps", "gradient_accumulation_steps"),
     ("max_seq_len", "max_length"), ("num_epochs", "num_train_epochs"), ("save_step", "save_steps"),
     ("eval_batch_size", "per_device_eval_batch_size"),
@@ -279,12 +281,12 @@ def test_every_value_out_of_range_and_every_mistyped_value_at_once():
 
 def test_cli_reports_unknown_flags_and_the_file_s_bad_keys_together(tmp_path, capsys):
     path = tmp_path / "run.yaml"
-    path.write_text("use_cpu: true\n")
-    code, _, err = run_cli(capsys, "train", str(path), "--learnig_rate", "1e-4", "--shuffle-dataset", "--seed", "1")
+    path.write_text("gpu_count: true\n")
+    code, _, err = run_cli(capsys, "train", str(path), "--learnig_rate", "1e-4", "--shuffle-rows", "--seed", "1")
     assert code == 2 and err.count("\n") == 1
-    assert "2 problems: unknown key 'learnig_rate' (did you mean 'learning_rate'?); unknown key 'shuffle_dataset'" \
+    assert "2 problems: unknown key 'learnig_rate' (did you mean 'learning_rate'?); unknown key 'shuffle_rows'" \
         in err
-    assert f"and {path}: unknown key 'use_cpu'" in err
+    assert f"and {path}: unknown key 'gpu_count'" in err
 
 
 def test_changed_settings_use_the_defaults_help_shows():

@@ -26,7 +26,7 @@ from sftune.training.checkpoint import list_checkpoints
 STEPS = 4
 
 
-def fsdp2_accelerator():
+def fsdp2_accelerator(config=None):
     """accelerate's FSDP2 state over gloo, as a GPU launch with an FSDP2 config would make it."""
     from accelerate import Accelerator
     from accelerate.state import PartialState

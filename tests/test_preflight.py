@@ -98,7 +98,7 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_again(tin
     (["merge", "{tmp}/none", "--output", "{tmp}/merged"], "holds no adapter"),
     (["push", "{tmp}/none"], "holds no sftune_config.yaml"),
     (["train", "--learnig_rate", "1"], "did you mean 'learning_rate'"),
-    (["demo", "--use_cpu", "true"], "unknown key 'use_cpu'"),
+    (["demo", "--gpu_count", "2"], "unknown key 'gpu_count'"),
 ])
 def test_other_commands_answer_a_wrong_folder_before_torch_too(argv, message, tmp_path):
     result, err = run_cli_fresh(*[part.replace("{tmp}", str(tmp_path)) for part in argv])

@@ -73,9 +73,9 @@ def plan_batching(config: SFTConfig, device_type: str, engine: Engine = "single"
     preparation, which also comes before the model loads."""
     flash = "flash" in (config.attn_implementation or "")  # flash_attention_2/3, hub flash kernels
     sharded = engine in ("fsdp", "deepspeed")
-    if config.group_by_length and config.packing:
-        raise ConfigError("config keys 'group_by_length' and 'packing' are both true: packed rows are all "
-                          "max_length long, so there is nothing to group; keep one of them")
+    if config.train_sampling_strategy == "group_by_length" and config.packing:
+        raise ConfigError("config keys 'train_sampling_strategy' = 'group_by_length' and 'packing' are both set: "
+                          "packed rows are all max_length long, so there is nothing to group; keep one of them")
     chosen = config.padding_free is None
     padding_free = _default_padding_free(config, flash, device_type, sharded) if chosen \
         else bool(config.padding_free)

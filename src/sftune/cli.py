@@ -36,6 +36,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             *flags, dest=name, default=argparse.SUPPRESS, metavar=label,
             help=f"{help_text} (default: {shown})".replace("%", "%%"), **extra,
         )
+    # TRL's other keys and the older names: flags too (a TRL command line runs), listed in one short section.
+    from sftune.config.trl import compatibility_help, other_names
+
+    trl = parser.add_argument_group("accepted for TRL compatibility", compatibility_help().replace("%", "%%"))
+    for name in other_names():
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        if any(flag in parser._option_string_actions for flag in flags):  # TRL's `debug` is sftune's --debug here
+            continue
+        trl.add_argument(*flags, dest=name, default=argparse.SUPPRESS, nargs="?", const="true", help=argparse.SUPPRESS)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -50,9 +59,20 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML file with settings; flags override it.")
     train.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
     train.add_argument(
-        "--num_processes", "--num-processes", type=int, default=1, metavar="N",
+        "--num_processes", "--num-processes", type=int, default=None, metavar="N",
         help="Train data-parallel in N processes through `accelerate launch` (one per GPU; on a machine without "
-        "GPUs, N CPU processes over gloo). For FSDP or DeepSpeed, use `accelerate launch` with a config file.",
+        "GPUs, N CPU processes over gloo); also a key of CONFIG, as in TRL's files (default: 1).",
+    )
+    train.add_argument(
+        "--accelerate_config", "--accelerate-config", metavar="NAME|FILE",
+        help="As in TRL: an accelerate config file, or one of TRL's names (single_gpu, multi_gpu, zero1, zero2, "
+        "zero3, fsdp1, fsdp2), for DeepSpeed or FSDP through `accelerate launch`; also a key of CONFIG.",
+    )
+    train.add_argument(
+        "--dry_run", "--dry-run", action="store_true",
+        help="Check everything a run checks before training (config, output folder, files, tokenizer, template on "
+        "a sample of rows) and print the resolved config and the plan (precision, batching, steps, rows and "
+        "trained tokens per step, checkpoints, what is saved); trains and writes nothing.",
     )
     _add_config_flags(train)
 
@@ -141,10 +161,22 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     if args.command is None:
         parser.print_help()
         raise SystemExit(EXIT_USER_ERROR)
-    reserved = {"command", "config", "debug", "num_processes", "run_dir", "output", "jsonl", "num_examples",
+    reserved = {"command", "config", "debug", "num_processes", "accelerate_config", "dry_run", "run_dir", "output", "jsonl", "num_examples",
                 "overwrite", "prompt", "system", "max_new_tokens", "temperature", "as_json", "html"}
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     return args, overrides
+
+
+def _launch_settings(args: argparse.Namespace, config: cfg.SFTConfig) -> tuple[int, str | None]:
+    """(processes, accelerate config) of `sftune train`: the flags, else the config's launch keys (TRL's files
+    have them); a process that accelerate already started launches nothing more."""
+    if LAUNCHED_ARGV in os.environ:
+        return 1, None
+    launch = config.launch_settings
+    accelerate_config = launch.get("accelerate_config")
+    if args.accelerate_config is not None:
+        accelerate_config = cfg.check_launch_value("accelerate_config", args.accelerate_config)
+    return args.num_processes or launch.get("num_processes", 1), accelerate_config
 
 
 def _unknown_flags_message(flags: list[str], config_path: str | None) -> str:
@@ -171,13 +203,20 @@ def main(argv: list[str] | None = None) -> int:
             set_resume_command(lambda output_dir: resume_command(typed, output_dir))
         if args.command == "train":
             config = cfg.load_config(args.config, overrides)  # a bad config fails here, before any launch
-            if args.num_processes > 1:
+            num_processes, accelerate_config = _launch_settings(args, config)
+            if args.dry_run:
+                from sftune.dry_run import dry_run
+
+                dry_run(config, num_processes=num_processes, accelerate_config=accelerate_config)
+                return 0
+            if num_processes > 1 or accelerate_config not in (None, "single_gpu"):
                 from sftune.launch import launch_data_parallel
                 from sftune.preflight import check_before_loading
 
                 check_before_loading(config)  # once, before N processes import torch
                 os.environ[LAUNCHED_ARGV] = json.dumps(argv)
-                return launch_data_parallel(args.num_processes, _without_flag(argv, "num_processes"))
+                child_argv = _without_flag(_without_flag(argv, "num_processes"), "accelerate_config")
+                return launch_data_parallel(num_processes, child_argv, accelerate_config)
             from sftune.run import train
 
             train(config)  # checks the output folder and the local paths before torch loads

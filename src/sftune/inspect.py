@@ -35,7 +35,7 @@ def inspect_data(config: SFTConfig, jsonl: str | None = None, num_examples: int 
     out = out or sys.stdout  # the current one (a default argument would keep the one at import)
     setup_logging()
     # as a single-process `sftune train` on this machine would batch the rows
-    plan = plan_batching(config, device_type="cuda" if torch.cuda.is_available() else "cpu")
+    plan = plan_batching(config, device_type="cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
     processor = load_processor(config)  # None for text-only models
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
     data = prepare_train_data(config, tokenizer, processor=processor)

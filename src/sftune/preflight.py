@@ -48,11 +48,12 @@ def unfinished_run(output_dir: Path) -> bool:
             and not any((output_dir / name).exists() for name in FINAL_WEIGHTS))
 
 
-def check_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
+def check_output_dir(config: SFTConfig, resume_from: Path | None, probe: bool = True) -> Path:
     """Refuse an output_dir this run may not write into, before any work is done: never over another run's files.
 
     Nothing is created: a folder that does not exist yet is made when the run takes it (run.claim_output_dir), so
-    a run that fails to start leaves no folder behind.
+    a run that fails to start leaves no folder behind. `probe=False` (--dry_run) asks the file system for write
+    permission instead of proving it with a file made and removed at once.
     """
     out = Path(config.output_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -69,11 +70,17 @@ def check_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
             f"output_dir '{out}' already holds files (another run?): choose another output_dir, "
             "set overwrite_output_dir: true to write over them, or resume_from_checkpoint: true to continue it"
         )
+    if not probe:
+        existing = out if out.is_dir() else next(p for p in out.absolute().parents if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write to output_dir '{out}' ('{existing}' is not a writable folder): choose "
+                            "another output_dir")
+        return out
     try:
         if out.is_dir():
-            probe = out / f".write-test-{uuid.uuid4().hex[:8]}"
-            probe.touch()
-            probe.unlink()
+            probe_file = out / f".write-test-{uuid.uuid4().hex[:8]}"
+            probe_file.touch()
+            probe_file.unlink()
         else:  # make the first missing folder of the path and take it away again: proof that the run can
             missing = out.absolute()
             while not missing.parent.exists():
@@ -90,14 +97,15 @@ def check_output_dir(config: SFTConfig, resume_from: Path | None) -> Path:
 
 def check_input_paths(config: SFTConfig, dataset_given: bool = False) -> None:
     """The local files a run reads exist (a name that is not plainly a local path may be a Hub id)."""
-    from sftune.data.sources import check_dataset_path, dataset_specs
+    from sftune.data.sources import check_dataset_path, dataset_specs, local_files_of
     from sftune.tokenizer import template_file
     from sftune.model.load import check_model_files
 
     check_model_files(config)
     if not dataset_given:
         for spec in dataset_specs(config):
-            check_dataset_path(spec.path)
+            if local_files_of(spec, spec.split) is None:  # data_files / data_dir are checked by finding them
+                check_dataset_path(spec.path)
     if config.chat_template_path:
         template_file(config.chat_template_path)
     adapter = config.adapter_name_or_path

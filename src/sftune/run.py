@@ -12,6 +12,7 @@ from typing import Any
 from sftune import logs
 from sftune.batching import BatchingPlan, plan_batching
 from sftune.config import CONFIG_FILENAME, SFTConfig
+from sftune.config.trl import log_compatibility
 from sftune.cpu import CompetitionCheck, use_threads
 from sftune.errors import UserError
 from sftune.preflight import check_before_loading, check_output_dir
@@ -70,13 +71,13 @@ def _checkpoint_step(path: Path) -> int:
     return json.loads((path / STATE_FILE).read_text())["global_step"]
 
 
-def make_accelerator() -> Any:
+def make_accelerator(config: SFTConfig) -> Any:
     """The accelerate engine this process trains with: one process, DDP, FSDP or DeepSpeed, as `accelerate launch`
-    (or its environment) set it up; on a machine without GPUs, CPU processes over gloo."""
+    (or its environment) set it up; on a machine without GPUs (or with use_cpu), CPU processes over gloo."""
     import torch
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    return Accelerator(cpu=config.use_cpu or not torch.cuda.is_available())
 
 
 def log_plan(plan: BatchingPlan) -> None:
@@ -112,7 +113,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     repo_id = check_push_settings(config) if config.push_to_hub else None  # and a missing Hub token
     if config.full_determinism:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(config)
     output_dir = Path(config.output_dir).expanduser()
     if config.resume_from_checkpoint is True and resume_from is None:
         log.info("no checkpoint in %s yet: starting from the beginning", output_dir)
@@ -145,6 +146,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     if resume_from is not None:
         trainer.resume(resume_from)
     log_plan(plan)
+    log_compatibility(config, log)  # only now: a run that fails to start does not print it
     log.info("training: %d steps (%d per epoch)", trainer.total_steps, trainer.steps_per_epoch)
     competition.report(threads, why_threads, computing_on_cpu=accelerator.device.type == "cpu")
     started = time.perf_counter()

@@ -13,7 +13,10 @@ class CheckpointSettings:
     save_strategy: Literal["no", "steps", "epoch"] = opt(
         "steps", "When to write a checkpoint: never, every save_steps, or after every epoch.", "checkpoints"
     )
-    save_steps: int = opt(500, "Write a checkpoint every this many optimizer steps.", "checkpoints")
+    save_steps: int | float = opt(
+        500, "Write a checkpoint every this many optimizer steps, or a float in (0, 1) for that ratio of the total "
+        "steps.", "checkpoints"
+    )
     save_total_limit: int | None = opt(None, "Keep only the newest this many checkpoints (unset: all).", "checkpoints")
     resume_from_checkpoint: bool | str | None = opt(
         None, "true: continue from the newest checkpoint in output_dir; or a checkpoint folder to continue from.",
@@ -25,5 +28,5 @@ class CheckpointSettings:
     )
 
     def _check_checkpoints(self, problems: Problems) -> None:
-        problems.need(self.save_steps >= 1, "save_steps", "must be >= 1")
+        problems.need(self.save_steps > 0, "save_steps", "must be >= 1, or a ratio of the total steps in (0, 1)")
         problems.need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "must be >= 1")

@@ -28,15 +28,25 @@ class DataSettings:
     datasets: list[dict] | None = opt(
         None,
         "Several training datasets at once, instead of dataset_name: a list of mappings with 'path' and optionally "
-        "'name' (subset), 'split', 'test_split', 'weight', 'columns', 'format'. Weights set each source's share of "
-        "the training rows (by rows, not tokens); without weights every row is used once.",
+        "'name' (subset), 'data_dir', 'data_files', 'split', 'test_split', 'columns', 'format', and 'weight' or "
+        "'fraction'. Weights set each source's share of the training rows by sampling (by rows, not tokens); TRL's "
+        "fractions set the shares by taking each source's first rows, as many as fit without repeating any; "
+        "with neither, every row is used once. 'columns': a list keeps those columns (TRL), a mapping renames them.",
         "data",
     )
     dataset_test_split: str | None = opt(
-        None, "Split of the dataset(s) to evaluate on, e.g. 'test' (unset: no eval split).", "data"
+        None, "Split of the dataset(s) to evaluate on, e.g. 'test' (unset: no eval split; unlike TRL's default, "
+        "which evaluates on 'test' when eval_strategy is set).", "data"
     )
     eval_ratio: float = opt(
         0.0, "Fraction of the training rows held out for evaluation (seeded), when there is no eval split.", "data"
+    )
+    test_split_size: float | None = opt(
+        None, "TRL's name for eval_ratio: the fraction of the training rows held out for evaluation.", "data"
+    )
+    dataset_kwargs: dict | None = opt(
+        None, "TRL's dataset options: {skip_prepare_dataset: true} trains on pre-tokenized rows (input_ids, and "
+        "optionally labels) as they are, with no template.", "data"
     )
     dataset_format: Literal["auto", "text", "prompt_completion", "messages", "sharegpt", "alpaca", "tokenized"] = opt(
         "auto", "Format of the rows; 'auto' detects it from the columns of each dataset.", "data"
@@ -88,8 +98,10 @@ class DataSettings:
         "(rows one at a time would underfeed it) and under FSDP/DeepSpeed.",
         "data",
     )
-    group_by_length: bool = opt(
-        False, "Batch rows of similar length together (less padding); without packing only.", "data"
+    train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = opt(
+        "random", "Order of the training rows in each epoch: random (seeded shuffle), sequential (as prepared), or "
+        "group_by_length (shuffled, then rows of similar length batched together: less padding; without packing). "
+        "group_by_length: true is accepted too.", "data"
     )
     dedupe: Literal["exact", "near"] | None = opt(
         None,
@@ -128,11 +140,36 @@ class DataSettings:
             problems.add("config keys 'dataset_name' and 'datasets' are both set: keep one of them")
         if self.dataset_test_split is not None and self.eval_ratio > 0:
             problems.add("config keys 'dataset_test_split' and 'eval_ratio' are both set: keep one of them")
+        if self.test_split_size is not None:
+            problems.need(0.0 < self.test_split_size < 1.0, "test_split_size",
+                          "must be a fraction in (0, 1) (sftune holds out that share of each dataset's rows)")
+            for other in ("eval_ratio", "dataset_test_split"):
+                if getattr(self, other):
+                    problems.add(f"config keys 'test_split_size' and '{other}' are both set: keep one of them")
+        if self.dataset_kwargs is not None:
+            unknown = [key for key in self.dataset_kwargs if key != "skip_prepare_dataset"]
+            if unknown:
+                problems.add(f"config key 'dataset_kwargs' has '{unknown[0]}': sftune takes only skip_prepare_dataset "
+                             "there (sftune prepares every other format by itself)")
+            elif self.skips_preparation and self.dataset_format not in ("auto", "tokenized"):
+                problems.add(f"config key 'dataset_kwargs' skips preparation, but dataset_format is "
+                             f"{self.dataset_format!r}: rows must be pre-tokenized (dataset_format: tokenized)")
         if self.datasets is not None:
             try:
                 check_dataset_entries(self.datasets)
             except ConfigError as err:
                 problems.add(str(err))
+
+
+    @property
+    def skips_preparation(self) -> bool:
+        """TRL's dataset_kwargs {skip_prepare_dataset: true}: the rows are pre-tokenized and used as they are."""
+        return bool((self.dataset_kwargs or {}).get("skip_prepare_dataset"))
+
+    @property
+    def held_out_ratio(self) -> float:
+        """The share of each dataset's training rows held out for evaluation: eval_ratio, or TRL's test_split_size."""
+        return self.eval_ratio or self.test_split_size or 0.0
 
 
 def loss_mask_of_flags(config: DataSettings) -> str | None:
@@ -146,7 +183,8 @@ def loss_mask_of_flags(config: DataSettings) -> str | None:
     return "completion" if config.completion_only_loss else "all"
 
 
-DATASET_ENTRY_KEYS = ("path", "name", "split", "test_split", "weight", "columns", "format")
+DATASET_ENTRY_KEYS = ("path", "name", "data_dir", "data_files", "split", "test_split", "weight", "fraction", "columns",
+                      "format")
 
 
 def check_dataset_entries(entries: list[dict]) -> None:
@@ -162,14 +200,35 @@ def check_dataset_entries(entries: list[dict]) -> None:
                 raise ConfigError(f"{where}: unknown key '{key}'{hint}")
         if not isinstance(entry.get("path"), str) or not entry["path"]:
             raise ConfigError(f"{where}: needs 'path' (a Hub dataset id, a file or a folder)")
-        weight = entry.get("weight")
-        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0):
-            raise ConfigError(f"{where}.weight = {weight!r}: must be a number > 0")
+        for share in ("weight", "fraction"):
+            value = entry.get(share)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(f"{where}.{share} = {value!r}: must be a number > 0")
+        if entry.get("weight") is not None and entry.get("fraction") is not None:
+            raise ConfigError(f"{where}: 'weight' (sampled shares) and 'fraction' (TRL's first-rows shares) are both "
+                              "set: keep one of them")
+        data_dir, data_files = entry.get("data_dir"), entry.get("data_files")
+        if data_dir is not None and not isinstance(data_dir, str):
+            raise ConfigError(f"{where}.data_dir: expected a folder name")
+        if data_files is not None and not (isinstance(data_files, str) or _all_text(data_files)):
+            raise ConfigError(f"{where}.data_files: expected a file, a list of files, or a mapping of split to files")
         columns = entry.get("columns")
         if columns is not None and not isinstance(columns, (dict, list)):
             raise ConfigError(f"{where}.columns: expected a mapping {{their_name: our_name}} or a list of columns")
         if entry.get("format", "auto") not in formats:
             raise ConfigError(f"{where}.format = {entry['format']!r}: expected one of {', '.join(formats)}")
-    weighted = [entry.get("weight") is not None for entry in entries]
-    if any(weighted) and not all(weighted):
-        raise ConfigError("config key 'datasets': give every dataset a 'weight', or none (then every row is used once)")
+    for share in ("weight", "fraction"):
+        given = [entry.get(share) is not None for entry in entries]
+        if any(given) and not all(given):
+            raise ConfigError(f"config key 'datasets': give every dataset a '{share}', or none (then every row is "
+                              "used once)")
+
+
+def _all_text(files: object) -> bool:
+    """A list of file names, or a mapping of split to a file name or a list of them."""
+    if isinstance(files, list):
+        return all(isinstance(name, str) for name in files)
+    if isinstance(files, dict):
+        return all(isinstance(value, str) or (isinstance(value, list) and _all_text(value))
+                   for value in files.values())
+    return False

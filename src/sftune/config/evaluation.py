@@ -13,7 +13,10 @@ class EvaluationSettings:
     eval_strategy: Literal["no", "steps", "epoch"] = opt(
         "no", "When to evaluate on the eval split: never, every eval_steps, or after every epoch.", "evaluation"
     )
-    eval_steps: int | None = opt(None, "Evaluate every this many optimizer steps (unset: logging_steps).", "evaluation")
+    eval_steps: int | float | None = opt(
+        None, "Evaluate every this many optimizer steps, or a float in (0, 1) for that ratio of the total steps "
+        "(unset: logging_steps).", "evaluation"
+    )
     per_device_eval_batch_size: int = opt(8, "Rows per evaluation batch on each device.", "evaluation")
     generation_prompts: list[str] = opt(
         [], "User prompts the model answers greedily at every evaluation; answers go to samples.jsonl.",
@@ -22,6 +25,6 @@ class EvaluationSettings:
     generation_max_new_tokens: int = opt(64, "Longest answer generated for generation_prompts.", "evaluation")
 
     def _check_evaluation(self, problems: Problems) -> None:
-        problems.need(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", "must be >= 1")
+        problems.need(self.eval_steps is None or self.eval_steps > 0, "eval_steps", "must be >= 1, or a ratio of the total steps in (0, 1)")
         problems.need(self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size", "must be >= 1")
         problems.need(self.generation_max_new_tokens >= 1, "generation_max_new_tokens", "must be >= 1")

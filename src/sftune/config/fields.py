@@ -27,6 +27,14 @@ def opt(default: Any, help: str, group: str) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def steps_of(value: int | float, total_steps: int) -> int:
+    """A steps setting as a count: a whole number as it is; a float in (0, 1) as that ratio of the run's total
+    steps, rounded up as transformers does (computed on a rounded product, so 0.1 of 30 steps is 3, not 4)."""
+    if isinstance(value, float) and 0.0 < value < 1.0:
+        return max(1, math.ceil(round(value * total_steps, 6)))
+    return int(value)
+
+
 def default_of(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
@@ -94,6 +102,14 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return coerce(key, value, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)])
+    if origin in (typing.Union, types.UnionType) and set(args) == {int, float}:  # steps, or a ratio of them
+        number = coerce(key, value, float)
+        if number.is_integer():
+            return int(number)
+        if not 0.0 < number < 1.0:
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a whole number of steps, or a ratio of the "
+                              "total steps in (0, 1)")
+        return number
     if origin in (typing.Union, types.UnionType) and set(args) == {bool, str}:  # a switch or a path
         if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE):
             return coerce(key, value, bool)
@@ -180,7 +196,13 @@ def type_label(hint: Any) -> str:
         return "{" + ",".join(map(str, args)) + "}"
     if type(None) in args:
         inner = [a for a in args if a is not type(None)]
-        return type_label(inner[0]) if len(inner) == 1 else "BOOL|PATH" if set(inner) == {bool, str} else "VALUE"
+        return type_label(inner[0]) if len(inner) == 1 else type_label(typing.Union[tuple(inner)])
+    if set(args) == {int, float}:
+        return "STEPS|RATIO"
+    if set(args) == {bool, str}:
+        return "BOOL|PATH"
+    if args:
+        return "VALUE"
     if hint is bool:
         return "BOOL"
     if hint is int:

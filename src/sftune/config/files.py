@@ -63,12 +63,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         values = read_yaml(Path(path))
     where = str(path) if path is not None else "config"
     for key, value in (overrides or {}).items():
-        name = ALIASES.get(key, key)
-        # A flag replaces the file's value even when the file spelled the key by an alias.
-        for alias, target in ALIASES.items():
-            if target == name:
-                values.pop(alias, None)
-        values[name] = value
+        name = ALIASES[key].target if key in ALIASES else key
+        # A flag replaces the file's value even when the file spelled the key by another name.
+        for other in [name, *(alias for alias, rule in ALIASES.items() if rule.target == name)]:
+            values.pop(other, None)
+        values[key] = value
     return SFTConfig.from_dict(values, where=where)
 
 

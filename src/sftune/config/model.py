@@ -13,7 +13,8 @@ class ModelSettings:
     model_name_or_path: str | None = opt(None, "Local folder or Hugging Face Hub id of the pretrained model.", "model")
     model_revision: str = opt("main", "Hub revision (branch, tag or commit) of the model.", "model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
-        "auto", "Dtype the weights are loaded and trained in; 'auto' keeps the checkpoint's own dtype.", "model"
+        "auto", "Dtype the weights are loaded and trained in; 'auto' keeps the checkpoint's own dtype "
+        "(unlike TRL's default, float32).", "model"
     )
     attn_implementation: str | None = opt(
         None, "Attention kernel: 'sdpa', 'eager', 'flash_attention_2', ... (unset: transformers' default).", "model"
@@ -44,11 +45,13 @@ class ModelSettings:
         None, "Extra keyword arguments for from_pretrained, such as config overrides (JSON on the command line).",
         "model",
     )
-    gradient_checkpointing: bool = opt(
-        False, "Recompute activations in the backward pass: much less memory for about a third more time.", "model"
+    activation_checkpointing: bool = opt(
+        False, "Recompute activations in the backward pass: much less memory for about a third more time "
+        "(transformers 5's name; gradient_checkpointing is accepted too). Unlike TRL's default (on), off.", "model"
     )
-    gradient_checkpointing_kwargs: dict | None = opt(
-        None, "Arguments for torch.utils.checkpoint (unset: {\"use_reentrant\": false}).", "model"
+    activation_checkpointing_kwargs: dict | None = opt(
+        None, "Arguments for torch.utils.checkpoint (unset: {\"use_reentrant\": false}); "
+        "gradient_checkpointing_kwargs is accepted too.", "model"
     )
 
     def _check_model(self, problems: Problems) -> None:

@@ -20,7 +20,10 @@ class OutputSettings:
         False, "Replace an earlier sftune run in output_dir: its files are removed when this run starts (a folder "
         "holding anything else is refused).", "output"
     )
-    logging_steps: int = opt(10, "Write a line to metrics.jsonl every this many optimizer steps.", "output")
+    logging_steps: int | float = opt(
+        10, "Write a line to metrics.jsonl every this many optimizer steps, or a float in (0, 1) for that ratio of "
+        "the total steps.", "output"
+    )
     report_to: list[str] = opt(
         ["none"], "Trackers besides metrics.jsonl: tensorboard, wandb, trackio, all, or none.", "output"
     )
@@ -28,7 +31,7 @@ class OutputSettings:
 
     def _check_output(self, problems: Problems) -> None:
         problems.need(bool(self.output_dir), "output_dir", "must be a folder path")
-        problems.need(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        problems.need(self.logging_steps > 0, "logging_steps", "must be >= 1, or a ratio of the total steps in (0, 1)")
         problems.need(all(tracker in TRACKERS for tracker in self.report_to), "report_to",
                       f"each entry must be one of {', '.join(TRACKERS)}")
         if "none" in self.report_to and len(self.report_to) > 1:

@@ -14,7 +14,8 @@ from typing import Any
 
 from sftune.config.adapters import AdapterSettings
 from sftune.config.checkpoints import CheckpointSettings
-from sftune.config.compat import ALIASES, NOT_SUPPORTED
+from sftune.config.compat import ALIASES, LAUNCH_KEYS, NOT_SUPPORTED, check_launch_value
+from sftune.config.trl import TRL_KEY, accepts_as_no_op, refusal
 from sftune.config.data import DataSettings, loss_mask_of_flags
 from sftune.config.evaluation import EvaluationSettings
 from sftune.config.fields import (
@@ -31,10 +32,36 @@ from sftune.config.training import TrainingSettings, unset_learning_rate
 from sftune.errors import ConfigError, did_you_mean
 
 
-@dataclass
+@dataclass(init=False)
 class SFTConfig(HubSettings, OutputSettings, CheckpointSettings, EvaluationSettings, TrainingSettings,
                 DataSettings, AdapterSettings, ModelSettings):
-    """Everything that defines a run. Build it in Python, from a YAML file, or from CLI flags: the same schema."""
+    """Everything that defines a run. Build it in Python, from a YAML file, or from CLI flags: the same schema.
+
+    Every way in takes the same keys: sftune's fields, their aliases (warmup_ratio, group_by_length,
+    gradient_checkpointing, ...) and all of TRL's keys (config/trl.py), so `SFTConfig(**trl_settings)` behaves as
+    the same settings in a YAML file. Keys TRL has that mean nothing here are kept in `ignored_keys`.
+    """
+
+    def __init__(self, **values: Any) -> None:
+        resolved, self.ignored_keys, self.launch_settings, problems = resolve_keys(values)
+        if problems:
+            raise ConfigError(join_problems(problems))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, resolved[f.name] if f.name in resolved else default_of(f))
+        self.__post_init__()
+
+    # Older names, still read by callers written against them.
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.activation_checkpointing
+
+    @property
+    def gradient_checkpointing_kwargs(self) -> dict | None:
+        return self.activation_checkpointing_kwargs
+
+    @property
+    def group_by_length(self) -> bool:
+        return self.train_sampling_strategy == "group_by_length"
 
     def __post_init__(self) -> None:
         hints = type_hints()
@@ -52,6 +79,12 @@ class SFTConfig(HubSettings, OutputSettings, CheckpointSettings, EvaluationSetti
             self.learning_rate = unset_learning_rate(self.use_peft)
         if self.resume_from_checkpoint is False:
             self.resume_from_checkpoint = None
+        if self.loss_type == "chunked_nll":  # TRL's older name: sftune's nll is chunked
+            self.loss_type = "nll"
+        if self.datasets == []:  # TRL's default: no mixture
+            self.datasets = None
+        if self.skips_preparation:  # TRL's skip_prepare_dataset: pre-tokenized rows, used as they are
+            self.dataset_format = "tokenized" if self.dataset_format == "auto" else self.dataset_format
         self.loss_mask = self._resolved_loss_mask()
         found = Problems(self)  # every value out of range and every conflict at once
         for check in (self._check_model, self._check_adapters, self._check_data, self._check_training,
@@ -76,20 +109,10 @@ class SFTConfig(HubSettings, OutputSettings, CheckpointSettings, EvaluationSetti
         """Build from a plain mapping (parsed YAML, CLI flags); unknown keys get a did-you-mean error."""
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: expected a mapping of key: value, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        resolved: dict[str, Any] = {}
-        problems = []  # every bad key of the file at once: a TRL config is cleared in one run, not one per key
-        for key, value in values.items():
-            name = ALIASES.get(key, key)
-            if name not in known:
-                problems.append(unknown_key_message(str(key)))
-            elif name in resolved:
-                problems.append(f"key '{name}' is given twice (once as '{key}')")
-            else:
-                resolved[name] = value
+        problems = resolve_keys(values)[-1]
         if problems:
             raise ConfigError(f"{where}: {join_problems(problems)}")
-        return cls(**resolved)
+        return cls(**{str(key): value for key, value in values.items()})
 
     def save(self, path: Any) -> None:
         """Write the resolved config as YAML that `sftune train <path>` runs again, atomically (sftune.config.files)."""
@@ -99,6 +122,58 @@ class SFTConfig(HubSettings, OutputSettings, CheckpointSettings, EvaluationSetti
 
 
 _HINTS: dict[str, Any] = {}
+
+
+def field_names() -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(SFTConfig))
+
+
+def resolve_keys(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[str]]:
+    """(field values, ignored TRL keys, launch keys, problems) of a mapping of keys: every bad key of a file at
+    once, so that a TRL config is cleared in one run, not one per key. A field wins over the TRL table (so a not-yet
+    key becomes a field when a merge adds it); then aliases (converted); then TRL's launch keys and its other keys
+    (config/trl.py)."""
+    fields = field_names()
+    resolved: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # field -> the key that gave it
+    ignored: dict[str, Any] = {}
+    launch: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in values.items():
+        key, name = str(key), str(key)
+        if key in fields:
+            pass
+        elif key in ALIASES:
+            alias = ALIASES[key]
+            name = alias.target
+            if alias.convert is not None:
+                try:
+                    value = alias.convert(value)
+                except ConfigError as err:
+                    problems.append(str(err))
+                    continue
+        elif key in LAUNCH_KEYS:
+            try:
+                launch[key] = check_launch_value(key, value)
+            except ConfigError as err:
+                problems.append(str(err))
+            continue
+        elif key in TRL_KEY:
+            row = TRL_KEY[key]
+            if row.status != "field" and accepts_as_no_op(row, value):
+                if row.status == "inert":
+                    ignored[key] = value
+            else:
+                problems.append(refusal(row, value))
+            continue
+        else:
+            problems.append(unknown_key_message(key))
+            continue
+        if name in resolved:
+            problems.append(f"key '{name}' is given twice (as '{spelled[name]}' and as '{key}'): keep one of them")
+        else:
+            resolved[name], spelled[name] = value, key
+    return resolved, ignored, launch, problems
 
 
 def type_hints() -> dict[str, Any]:
@@ -112,10 +187,12 @@ def unknown_key_message(key: str) -> str:
     """What to say about a key the schema does not have: not supported (and what instead), a close key, or --help."""
     if key in NOT_SUPPORTED:
         return f"key '{key}' is not supported: {NOT_SUPPORTED[key]}"
+    if key in TRL_KEY and TRL_KEY[key].status == "refused":
+        return f"key '{key}' is not supported: {TRL_KEY[key].note}"
     names = [f.name for f in dataclasses.fields(SFTConfig)] + list(ALIASES)
     hint = did_you_mean(key, names)
-    for alias, target in ALIASES.items():  # suggest the field an alias stands for
-        hint = hint.replace(f"'{alias}'", f"'{target}'")
+    for name, alias in ALIASES.items():  # suggest the field an alias stands for
+        hint = hint.replace(f"'{name}'", f"'{alias.target}'")
     return f"unknown key '{key}'{hint or SEE_HELP}"
 
 

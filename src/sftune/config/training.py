@@ -34,11 +34,13 @@ class TrainingSettings:
     lr_scheduler_type: Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"] = opt(
         "linear", "Learning-rate schedule after warm-up.", "training"
     )
-    lr_scheduler_kwargs: dict = opt(
+    lr_scheduler_kwargs: dict | None = opt(
         {}, "Extra schedule settings, e.g. {min_lr_rate: 0.1} or {min_lr: 1e-6} for cosine_with_min_lr.", "training"
     )
-    warmup_ratio: float = opt(0.0, "Fraction of the optimizer steps spent warming the learning rate up.", "training")
-    warmup_steps: int = opt(0, "Warm-up length in optimizer steps (instead of warmup_ratio).", "training")
+    warmup_steps: int | float = opt(
+        0, "Warm-up length: optimizer steps, or a float in (0, 1) for that ratio of the total steps (transformers 5's "
+        "replacement of warmup_ratio, which is accepted too).", "training"
+    )
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay (never applied to biases and norms).", "training")
     adam_beta1: float = opt(0.9, "AdamW beta1.", "training")
     adam_beta2: float = opt(0.999, "AdamW beta2.", "training")
@@ -53,8 +55,9 @@ class TrainingSettings:
         "Optimizer: AdamW (fused kernel, or torch's multi-tensor one), 8-bit AdamW (bitsandbytes), or plain SGD.",
         "training",
     )
-    loss_type: Literal["nll", "dft"] = opt(
-        "nll", "nll: cross-entropy; dft: each token's loss weighted by its own detached probability.", "training"
+    loss_type: Literal["nll", "dft", "chunked_nll"] = opt(
+        "nll", "nll: cross-entropy (always chunked; chunked_nll is TRL's older name for it); dft: each token's loss "
+        "weighted by its own detached probability.", "training"
     )
     loss_chunk_size: int | None = opt(
         None, "Trained tokens projected to the vocabulary at once in the loss (unset: ~256 MB of logits).",
@@ -70,6 +73,7 @@ class TrainingSettings:
         "are often much faster.",
         "training",
     )
+    use_cpu: bool = opt(False, "Train on the CPU even when a GPU is available.", "training")
     torch_compile: bool = opt(False, "Compile the model's backbone with torch.compile (slow first steps).", "training")
     full_determinism: bool = opt(
         False, "Use deterministic kernels everywhere (slower; bitwise-repeatable runs on GPU).", "training"
@@ -83,7 +87,6 @@ class TrainingSettings:
         need(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "must be >= 1, or -1 to use num_train_epochs")
         need(self.max_steps != -1 or self.num_train_epochs > 0, "num_train_epochs", "must be > 0 when max_steps is -1")
         need(math.isfinite(self.num_train_epochs), "num_train_epochs", "must be a finite number")
-        need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0.0 <= self.adam_beta1 < 1.0, "adam_beta1", "must be in [0, 1)")
@@ -93,8 +96,4 @@ class TrainingSettings:
         need(self.seed >= 0, "seed", "must be >= 0")
         need(self.loss_chunk_size is None or self.loss_chunk_size >= 1, "loss_chunk_size", "must be >= 1")
         need(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
-        if self.warmup_ratio > 0 and self.warmup_steps > 0:
-            problems.add(
-                f"config keys 'warmup_ratio' ({self.warmup_ratio}) and 'warmup_steps' ({self.warmup_steps}) "
-                "are both set: keep one of them"
-            )
+

@@ -36,8 +36,8 @@ from sftune.data.pack import plan_packing
 from sftune.data.render import CHECKS, IGNORE_INDEX, ExampleTokenizer, Tokenized
 from sftune.data.rows import Documents, RowStore
 from sftune.data.sources import (
-    DatasetSpec, OpenedSplit, SourceRows, dataset_specs, draw_rows, hold_out, mixture_counts, open_split,
-    source_names,
+    DatasetSpec, OpenedSplit, SourceRows, dataset_specs, draw_rows, fraction_counts, hold_out, mixture_counts,
+    open_split, source_names,
 )
 from sftune.errors import ConfigError, DataError
 from sftune.paths import VERSION, cache_dir
@@ -50,7 +50,7 @@ PARALLEL_MIN_ROWS = 2000  # below this, starting worker processes costs more tha
 EXAMPLES_PER_CHECK = 3
 SETTINGS = (  # every config field that changes the prepared rows
     "dataset_name", "dataset_config", "dataset_train_split", "dataset_text_field", "datasets", "dataset_test_split",
-    "eval_ratio", "dataset_format", "dataset_columns", "max_length", "truncation_mode", "loss_mask", "packing",
+    "eval_ratio", "test_split_size", "dataset_format", "dataset_columns", "max_length", "truncation_mode", "loss_mask", "packing",
     "packing_strategy", "seed", "dedupe",
 )
 
@@ -110,7 +110,7 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
     sources = _read_sources(inputs, config)
     documents, stats = _tokenize_sources(sources, inputs, config, check_data=check_data)
     refuse_packing(config, documents, inputs.processor)
-    train, evaluation = _assemble(documents, [s.weight for s in sources], config, stats)
+    train, evaluation = _assemble(documents, sources, config, stats)
     stats["seconds"] = round(time.perf_counter() - started, 3)
     names = source_names(inputs.specs) + (["eval_dataset"] if inputs.eval_dataset is not None else [])
     data = PreparedData(train.rows(), evaluation.rows(), stats, names, inputs.tokenizer)
@@ -134,11 +134,14 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
 
 def prepare_documents(config: SFTConfig, tokenizer: Any, limit: int | None = None, train_dataset: Any = None,
                       formatting_func: Callable[[dict], Any] | None = None,
-                      processor: Any = None) -> tuple[list[Documents], list[SourceRows]]:
+                      processor: Any = None, sizes: dict | None = None) -> tuple[list[Documents], list[SourceRows]]:
     """The training documents of each source in dataset order, before mixing and packing (for `sftune inspect`);
-    with `limit`, only from the first `limit` rows of each source."""
+    with `limit`, only from the first `limit` rows of each source. `sizes` (--dry_run) receives each source's
+    whole train and eval row counts, before `limit` cuts them."""
     inputs = _open_inputs(config, tokenizer, train_dataset, None, formatting_func, processor)
     sources = _read_sources(inputs, config)
+    if sizes is not None:
+        sizes.update(train=[len(s.train) for s in sources], eval=[len(s.eval) for s in sources])
     if limit is not None:
         for source in sources:
             source.train, source.train_index, source.eval = source.train[:limit], source.train_index[:limit], []
@@ -249,6 +252,7 @@ class _Source:
     eval_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     read: int = 0
     weight: float | None = None
+    fraction: float | None = None
 
 
 def _read_sources(inputs: _Inputs, config: SFTConfig) -> list[_Source]:
@@ -258,13 +262,14 @@ def _read_sources(inputs: _Inputs, config: SFTConfig) -> list[_Source]:
         rows = train_split.load()
         fmt, examples = _normalised(rows, spec, config, inputs.formatting_func)
         index = np.arange(len(examples))
-        source = _Source(spec.label, fmt, rows, examples, index, read=len(examples), weight=spec.weight)
+        source = _Source(spec.label, fmt, rows, examples, index, read=len(examples), weight=spec.weight,
+                         fraction=spec.fraction)
         if test_split is not None:
             test_rows = test_split.load()
             source.eval_rows, source.eval = test_rows, _normalised(test_rows, spec, config, inputs.formatting_func)[1]
             source.eval_index = np.arange(len(source.eval))
-        elif config.eval_ratio > 0:
-            keep, held = hold_out(len(examples), config.eval_ratio, rng)
+        elif config.held_out_ratio > 0:
+            keep, held = hold_out(len(examples), config.held_out_ratio, rng)
             source.train, source.train_index = [examples[i] for i in keep], keep
             source.eval_rows, source.eval, source.eval_index = rows, [examples[i] for i in held], held
         sources.append(source)
@@ -477,15 +482,21 @@ def _nothing_left_message(config: SFTConfig, dropped: dict[str, int], total: int
 # ---------------------------------------------------------------- stage 4: mix, pack
 
 
-def _assemble(documents: list[dict[str, Documents]], weights: list[float | None], config: SFTConfig,
+def _assemble(documents: list[dict[str, Documents]], sources: list[_Source], config: SFTConfig,
               stats: dict[str, Any]) -> tuple[RowStore, RowStore]:
     rng = np.random.default_rng([config.seed, 11])
     sizes = [len(d["train"]) for d in documents]
-    shares = None
-    if any(w is not None for w in weights):  # a source without rows left (or eval-only) gets no share
-        shares = [float(w or 0.0) if size else 0.0 for w, size in zip(weights, sizes)]
-    counts = mixture_counts(sizes, shares)
-    parts = [d["train"].take(draw_rows(size, count, rng)) for d, size, count in zip(documents, sizes, counts) if count]
+    weights, fractions = [s.weight for s in sources], [s.fraction for s in sources]  # None where not given
+    if any(f is not None for f in fractions):  # TRL's fractions: each source's first rows, none repeated
+        counts = fraction_counts(sizes, fractions)
+        parts = [d["train"].take(np.arange(count)) for d, count in zip(documents, counts) if count]
+    else:
+        shares = None
+        if any(w is not None for w in weights):  # a source without rows left (or eval-only) gets no share
+            shares = [float(w or 0.0) if size else 0.0 for w, size in zip(weights, sizes)]
+        counts = mixture_counts(sizes, shares)
+        parts = [d["train"].take(draw_rows(size, count, rng))
+                 for d, size, count in zip(documents, sizes, counts) if count]
     train = _join(parts)
     evaluation = _join([d["eval"] for d in documents])
     for source_stats, count in zip(stats["sources"], counts):

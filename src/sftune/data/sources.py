@@ -48,9 +48,12 @@ class DatasetSpec:
     split: str = "train"
     test_split: str | None = None
     weight: float | None = None
+    fraction: float | None = None  # TRL's share of the mixture, taken as the source's first rows
     columns: dict[str, str] | list[str] | None = None
     format: str = "auto"
     data: Any = None  # a datasets.Dataset or a list of dicts (Python API)
+    data_dir: str | None = None  # TRL / load_dataset's data_dir and data_files
+    data_files: str | list[str] | dict[str, Any] | None = None
 
 
 @dataclass
@@ -91,8 +94,9 @@ def dataset_specs(config: SFTConfig, train_dataset: Any = None) -> list[DatasetS
                 label=entry["path"], path=entry["path"], subset=entry.get("name"),
                 split=entry.get("split", config.dataset_train_split),
                 test_split=entry.get("test_split", config.dataset_test_split),
-                weight=entry.get("weight"), columns=entry.get("columns"),
-                format=entry.get("format", config.dataset_format),
+                weight=entry.get("weight"), fraction=entry.get("fraction"), columns=entry.get("columns"),
+                format=entry.get("format", config.dataset_format), data_dir=entry.get("data_dir"),
+                data_files=entry.get("data_files"),
             )
             for entry in config.datasets
         ]
@@ -108,6 +112,9 @@ def open_split(spec: DatasetSpec, split: str) -> OpenedSplit:
     if spec.data is not None:
         return _open_in_memory(spec.label, spec.data)
     name = spec.path
+    local = local_files_of(spec, split)
+    if local is not None:
+        return _open_files(name, local)
     path = Path(name).expanduser()
     if path.is_file():
         return _open_files(name, [path])
@@ -116,7 +123,44 @@ def open_split(spec: DatasetSpec, split: str) -> OpenedSplit:
             return _open_saved_dataset(name, path, split)
         return _open_files(name, _files_for_split(path, split))
     check_dataset_path(name)
-    return _open_hub(name, split, spec.subset)
+    return _open_hub(name, split, spec.subset, spec.data_dir, spec.data_files)
+
+
+# load_dataset's builder names for plain files: `path: json` with `data_files: ...` reads those local files.
+FILE_BUILDERS = {"json": (".jsonl", ".json"), "csv": (".csv",), "parquet": (".parquet",), "arrow": (".arrow",)}
+
+
+def local_files_of(spec: DatasetSpec, split: str) -> list[Path] | None:
+    """The local files a `datasets` entry's data_dir / data_files name (as load_dataset reads them), or None when
+    the entry is not local: a Hub dataset with data_dir / data_files, or no such keys at all."""
+    if spec.data_dir is None and spec.data_files is None:
+        return None
+    builder = spec.path in FILE_BUILDERS
+    folder = Path(".") if builder else Path(spec.path).expanduser()
+    if not builder and not folder.is_dir():
+        return None  # a Hub dataset: load_dataset takes data_dir and data_files itself
+    if spec.data_dir is not None:
+        folder = folder / spec.data_dir
+    where = f"dataset '{spec.path}'"
+    if spec.data_files is None:
+        if not folder.is_dir():
+            raise DataError(f"{where}: data_dir '{folder}' is not a folder")
+        return _files_for_split(folder, split)
+    files = spec.data_files
+    if isinstance(files, dict):
+        if split not in files:
+            raise DataError(f"{where}: data_files names no split '{split}' (splits: {', '.join(files)})")
+        files = files[split]
+    elif split != "train":  # load_dataset puts a file or a list of files in the train split alone
+        raise DataError(f"{where}: data_files gives one split (train), so there is no '{split}' split: give "
+                        "data_files as a mapping {train: ..., test: ...}, or use test_split_size")
+    paths: list[Path] = []
+    for pattern in [files] if isinstance(files, str) else files:
+        matched = sorted(folder.glob(pattern)) if any(c in pattern for c in "*?[") else [folder / pattern]
+        if not matched or not all(p.is_file() for p in matched):
+            raise DataError(f"{where}: data_files '{pattern}' matches no file in '{folder}'")
+        paths.extend(matched)
+    return paths
 
 
 def check_dataset_path(name: str) -> None:
@@ -268,11 +312,15 @@ def _open_saved_dataset(name: str, path: Path, split: str) -> OpenedSplit:
     return OpenedSplit("saved:" + data._fingerprint, lambda: _rows_of_dataset(data, name))
 
 
-def _open_hub(name: str, split: str, config_name: str | None) -> OpenedSplit:
+def _open_hub(name: str, split: str, config_name: str | None, data_dir: str | None = None,
+              data_files: Any = None) -> OpenedSplit:
     import datasets
 
+    # data_dir / data_files only when set: passing None changes nothing, but keeps the call (and tests spying on
+    # it) as it was for every dataset that does not use them
+    extra = {key: value for key, value in (("data_dir", data_dir), ("data_files", data_files)) if value is not None}
     try:
-        data = datasets.load_dataset(name, config_name, split=split)
+        data = datasets.load_dataset(name, config_name, split=split, **extra)
     except ValueError as err:
         if "split" in str(err).lower():
             raise DataError(f"Hub dataset '{name}' has no split '{split}': set dataset_train_split") from None
@@ -347,6 +395,17 @@ def mixture_counts(sizes: list[int], weights: list[float] | None) -> list[int]:
     for i in sorted(range(len(exact)), key=lambda i: exact[i] - counts[i], reverse=True)[: total - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+def fraction_counts(sizes: list[int], fractions: list[float | None]) -> list[int]:
+    """Rows each source contributes under TRL's fractions: the shares normalised to one, and the mixture as large as
+    it can be without repeating a row of any source; each source gives its first round(share * total) rows. A
+    source without a fraction (an eval-only one) gives none."""
+    shares = [float(f) if f is not None else 0.0 for f in fractions]
+    total_share = sum(shares)
+    weights = [share / total_share for share in shares]
+    total = min(size / weight for size, weight in zip(sizes, weights) if weight > 0)
+    return [min(size, round(weight * total)) for size, weight in zip(sizes, weights)]
 
 
 def draw_rows(size: int, count: int, rng: np.random.Generator) -> np.ndarray:

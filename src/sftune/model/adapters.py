@@ -42,8 +42,8 @@ ALL_LINEAR = "all-linear"
 
 def prepare_for_training(model: nn.Module, config: SFTConfig) -> nn.Module:
     """The model the loop trains: `model` itself (full fine-tuning) or a peft model wrapping it."""
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model, config.gradient_checkpointing_kwargs)
+    if config.activation_checkpointing:
+        enable_gradient_checkpointing(model, config.activation_checkpointing_kwargs)
     if config.use_peft:
         model = add_adapters(model, config)
     trainable, total = parameter_counts(model)
@@ -61,7 +61,8 @@ def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None) -> None
     kwargs = {"use_reentrant": False} if kwargs is None else dict(kwargs)
     unknown = sorted(set(kwargs) - CHECKPOINT_KWARGS)
     if unknown:  # torch would only complain at the first backward pass, with no word of the config key
-        raise ConfigError(f"config key 'gradient_checkpointing_kwargs' has '{unknown[0]}', which "
+        raise ConfigError(f"config key 'activation_checkpointing_kwargs' (or gradient_checkpointing_kwargs) has "
+                          f"'{unknown[0]}', which "
                           f"torch.utils.checkpoint does not take (known: {', '.join(sorted(CHECKPOINT_KWARGS))})")
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 renamed the method
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -266,7 +267,7 @@ def base_model_config(run_dir: Path) -> SFTConfig:
     if saved.is_file():
         config = load_config(saved)
         return dataclasses.replace(
-            config, load_in_4bit=False, load_in_8bit=False, gradient_checkpointing=False, adapter_name_or_path=None,
+            config, load_in_4bit=False, load_in_8bit=False, activation_checkpointing=False, adapter_name_or_path=None,
         )
     base = json.loads((run_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base:

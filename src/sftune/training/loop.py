@@ -23,6 +23,7 @@ import torch
 
 from sftune.batching import BatchingPlan
 from sftune.config import CONFIG_FILENAME, SFTConfig
+from sftune.config.fields import steps_of
 from sftune.data.order import epoch_order
 from sftune.data.render import IGNORE_INDEX
 from sftune.errors import TrainingError, TrainingInterrupted, UserError, write_failure_reason
@@ -58,7 +59,10 @@ class Trainer:
             self.total_steps = config.max_steps
         else:
             self.total_steps = max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
-        self.eval_every = config.eval_steps or config.logging_steps
+        # steps settings as counts, a float below 1 being that ratio of this run's total steps (transformers 5)
+        self.logging_every = steps_of(config.logging_steps, self.total_steps)
+        self.eval_every = steps_of(config.eval_steps or config.logging_steps, self.total_steps)
+        self.save_every = steps_of(config.save_steps, self.total_steps)
 
         loss_model = CausalLMWithLoss(model, config.loss_type, config.loss_chunk_size)
         loss_model.train()
@@ -117,11 +121,11 @@ class Trainer:
 
                     epoch_done = self.step % self.steps_per_epoch == 0
                     last = self.step == self.total_steps
-                    if self.step % self.config.logging_steps == 0 or last:
+                    if self.step % self.logging_every == 0 or last:
                         history.append(self._log(learning_rate, grad_norm))
                     if self._due(self.config.eval_strategy, self.eval_every, epoch_done) and self.eval_rows:
                         history.append(self.evaluate())
-                    if self._due(self.config.save_strategy, self.config.save_steps, epoch_done):
+                    if self._due(self.config.save_strategy, self.save_every, epoch_done):
                         self.save_checkpoint()
                     if self._stop_requested():
                         path = self._checkpoint_of_last_step()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from sftune.config import SFTConfig
+from sftune.config.fields import steps_of
 from sftune.errors import UserError
 
 
@@ -39,15 +38,14 @@ def build_optimizer(model: nn.Module, config: SFTConfig) -> torch.optim.Optimize
 
 
 def warmup_steps(config: SFTConfig, total_steps: int) -> int:
-    if config.warmup_steps > 0:
-        return config.warmup_steps
-    return math.ceil(config.warmup_ratio * total_steps)
+    """warmup_steps as a count: a float below 1 is that ratio of the total steps (transformers 5), 0 is none."""
+    return steps_of(config.warmup_steps, total_steps) if config.warmup_steps else 0
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: SFTConfig, total_steps: int):
     from transformers import get_scheduler
 
-    kwargs = dict(config.lr_scheduler_kwargs)
+    kwargs = dict(config.lr_scheduler_kwargs or {})
     if config.lr_scheduler_type == "cosine_with_min_lr" and not {"min_lr", "min_lr_rate"} & set(kwargs):
         raise UserError("lr_scheduler_type cosine_with_min_lr needs lr_scheduler_kwargs with min_lr or min_lr_rate")
     try:
