@@ -21,6 +21,12 @@ class EvaluationSettings:
     )
     generation_max_new_tokens: int = opt(64, "Longest answer generated for generation_prompts.", "evaluation")
 
+    # TRL training keys (issue 15)
+    eval_on_start: bool = opt(
+        False, "Evaluate once before the first step (step 0), as a sanity check; needs eval data, and runs even with "
+        "eval_strategy: no. A resumed run does not repeat it.", "evaluation",
+    )
+
     def _check_evaluation(self, problems: Problems) -> None:
         problems.need(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", "must be >= 1")
         problems.need(self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size", "must be >= 1")

@@ -75,6 +75,13 @@ class TrainingSettings:
         False, "Use deterministic kernels everywhere (slower; bitwise-repeatable runs on GPU).", "training"
     )
 
+    # TRL training keys (issue 15)
+    label_smoothing_factor: float = opt(
+        0.0, "Label smoothing of the training loss, as F.cross_entropy(label_smoothing=...): the target is "
+        "(1 - factor) on the true token plus factor spread over the vocabulary. Training only: eval_loss stays "
+        "plain cross-entropy. Not with loss_type: dft.", "training",
+    )
+
     def _check_training(self, problems: Problems) -> None:
         need = problems.need
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
@@ -93,6 +100,10 @@ class TrainingSettings:
         need(self.seed >= 0, "seed", "must be >= 0")
         need(self.loss_chunk_size is None or self.loss_chunk_size >= 1, "loss_chunk_size", "must be >= 1")
         need(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
+        need(0.0 <= self.label_smoothing_factor < 1.0, "label_smoothing_factor", "must be in [0, 1)")
+        if self.label_smoothing_factor > 0 and self.loss_type == "dft":
+            problems.add(f"config key 'label_smoothing_factor' ({self.label_smoothing_factor}) does not combine with "
+                         "loss_type: dft (DFT weights each token by its own probability): set one of them")
         if self.warmup_ratio > 0 and self.warmup_steps > 0:
             problems.add(
                 f"config keys 'warmup_ratio' ({self.warmup_ratio}) and 'warmup_steps' ({self.warmup_steps}) "

@@ -60,7 +60,7 @@ class Trainer:
             self.total_steps = max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
         self.eval_every = config.eval_steps or config.logging_steps
 
-        loss_model = CausalLMWithLoss(model, config.loss_type, config.loss_chunk_size)
+        loss_model = CausalLMWithLoss(model, config.loss_type, config.loss_chunk_size, config.label_smoothing_factor)
         loss_model.train()
         if processor is not None and self.world_size > 1 and not sharded.is_sharded(accelerator):
             # vision (issue 14): under DDP, processes whose micro-batch has no images keep in step
@@ -99,6 +99,8 @@ class Trainer:
         history: list[dict[str, Any]] = []
         try:
             with StopSignals(self.output_dir, self._last_checkpoint_text) as self.signals:
+                if self.config.eval_on_start and self.step == 0 and self.eval_rows:
+                    history.append(self.evaluate())  # the model as loaded, before any update
                 while self.step < self.total_steps:
                     epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
                     learning_rate = self.scheduler.get_last_lr()[0]
@@ -117,7 +119,8 @@ class Trainer:
 
                     epoch_done = self.step % self.steps_per_epoch == 0
                     last = self.step == self.total_steps
-                    if self.step % self.config.logging_steps == 0 or last:
+                    first_logged = self.step == 1 and self.config.logging_first_step
+                    if self.step % self.config.logging_steps == 0 or last or first_logged:
                         history.append(self._log(learning_rate, grad_norm))
                     if self._due(self.config.eval_strategy, self.eval_every, epoch_done) and self.eval_rows:
                         history.append(self.evaluate())
