@@ -78,3 +78,56 @@ def test_eval_on_start_without_eval_data_is_one_clear_error(tiny_model_dir, chat
     with pytest.raises(UserError, match="eval_on_start.*no eval data"):
         train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "a", eval_on_start=True))
     assert not (tmp_path / "a").exists()
+
+
+# ---------------------------------------------------------------- neftune_noise_alpha
+
+
+def test_neftune_noises_the_training_forward_only(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sftune.training.loss import CausalLMWithLoss
+    from sftune.training.neftune import NEFTune, input_embedding
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loss_model = CausalLMWithLoss(model).train()
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 16))
+    targets = torch.full_like(input_ids, -100)
+    targets[:, :-1] = input_ids[:, 1:]
+    with torch.no_grad():
+        before = loss_model(input_ids=input_ids, targets=targets)["loss_sum"]
+        embedding = input_embedding(model)
+        with NEFTune(embedding, alpha=50.0):
+            noisy = loss_model(input_ids=input_ids, targets=targets)["loss_sum"]
+            noisy_again = loss_model(input_ids=input_ids, targets=targets)["loss_sum"]
+        after = loss_model(input_ids=input_ids, targets=targets)["loss_sum"]
+    assert abs(float(noisy - before)) > 1e-3 and float(noisy) != float(noisy_again)  # fresh noise every forward
+    assert float(after) == float(before)
+    assert not embedding._forward_hooks  # nothing left on the model
+
+
+def test_neftune_changes_training_but_not_evaluation_or_the_saved_model(tiny_model_dir, chat_jsonl, tmp_path):
+    """Eval at the last step of a NEFTune run equals a fresh evaluation of the model it saved (no noise in either),
+    while the trained weights differ from a run without noise."""
+    import torch
+    from safetensors.torch import load_file
+
+    common = dict(max_steps=2, eval_ratio=0.2, eval_strategy="steps", eval_steps=2)
+    noisy = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "noisy", neftune_noise_alpha=50.0, **common))
+    plain = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "plain", **common))
+    assert not noisy.model.get_input_embeddings()._forward_hooks
+    noisy_weights = load_file(tmp_path / "noisy" / "model.safetensors")
+    plain_weights = load_file(tmp_path / "plain" / "model.safetensors")
+    assert any(not torch.equal(noisy_weights[k], plain_weights[k]) for k in noisy_weights)
+    # the saved model, evaluated on the same eval rows before any step of a new run
+    again = train(tiny_config(tmp_path / "noisy", chat_jsonl, tmp_path / "again", max_steps=1, eval_ratio=0.2,
+                              eval_on_start=True, learning_rate=1e-9))
+    assert eval_lines(again)[0]["step"] == 0
+    assert eval_lines(again)[0]["eval_loss"] == pytest.approx(eval_lines(noisy)[-1]["eval_loss"], abs=1e-6)
+
+
+def test_neftune_alpha_must_be_positive():
+    with pytest.raises(ConfigError, match="neftune_noise_alpha"):
+        SFTConfig(neftune_noise_alpha=0.0)

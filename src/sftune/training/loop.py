@@ -32,6 +32,7 @@ from sftune.training import checkpoint, sharded
 from sftune.training.interrupt import StopSignals
 from sftune.training.loss import CausalLMWithLoss
 from sftune.training.metrics import TokenTotals, eval_metrics, train_metrics
+from sftune.training.neftune import NEFTune, input_embedding
 from sftune.training.optim import build_optimizer, build_scheduler
 from sftune.training.report import Reporter, peak_memory_mb
 from sftune.training.vision import drop_blank_gradients
@@ -76,6 +77,9 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, config, self.total_steps)
         sharded.configure_deepspeed(accelerator, plan, config.max_grad_norm)
         self.loss_model, self.optimizer = accelerator.prepare(loss_model, optimizer)
+        # NEFTune noise only around the training micro-batches (training/neftune.py)
+        self.training_noise = nullcontext() if not config.neftune_noise_alpha else NEFTune(
+            input_embedding(accelerator.unwrap_model(self.loss_model).causal_lm), config.neftune_noise_alpha)
 
         self.step = 0
         self.num_tokens = 0  # trained tokens so far, all processes
@@ -150,7 +154,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             sources = batch.pop("source_ids", None)
             last = i == len(micro_batches) - 1
-            with nullcontext() if last else accelerator.no_sync(self.loss_model):
+            with nullcontext() if last else accelerator.no_sync(self.loss_model), self.training_noise:
                 out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
                 sharded.backward(accelerator, out["loss_sum"] * scale, last)
             step_totals.add(out["token_stats"], _trained(sources, batch["targets"]))
