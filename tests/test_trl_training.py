@@ -131,3 +131,105 @@ def test_neftune_changes_training_but_not_evaluation_or_the_saved_model(tiny_mod
 def test_neftune_alpha_must_be_positive():
     with pytest.raises(ConfigError, match="neftune_noise_alpha"):
         SFTConfig(neftune_noise_alpha=0.0)
+
+
+# ---------------------------------------------------------------- load_best_model_at_end, early stopping
+
+
+def best_config(model_dir, data, out, **overrides):
+    settings = dict(max_steps=4, eval_ratio=0.2, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                    save_steps=1, load_best_model_at_end=True)
+    settings.update(overrides)
+    return tiny_config(model_dir, data, out, **settings)
+
+
+@pytest.mark.parametrize("greater_is_better", [None, True])
+def test_best_checkpoint_becomes_the_saved_model(tiny_model_dir, chat_jsonl, tmp_path, greater_is_better):
+    """The selection equals the arg-best of the logged eval losses; the saved model's weights are that checkpoint's,
+    the best checkpoint survives save_total_limit, and the card names its step. greater_is_better: true on a
+    falling eval_loss picks an early step, so the best is not simply the last."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    result = train(best_config(tiny_model_dir, chat_jsonl, out, greater_is_better=greater_is_better,
+                               save_total_limit=1))
+    losses = {h["step"]: h["eval_loss"] for h in eval_lines(result)}
+    expected = (max if greater_is_better else min)(losses, key=losses.get)
+    summary = [h for h in result.history if "best_model_step" in h][-1]
+    assert summary["best_model_step"] == expected and summary["best_metric"] == "eval_loss"
+    assert summary["best_metric_value"] == losses[expected]
+    kept = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert kept == sorted({expected, 4})  # the newest, plus the best
+    saved = load_file(out / "model.safetensors")
+    best = load_file(out / f"checkpoint-{expected}" / "model.safetensors")
+    assert all(torch.equal(saved[k], best[k]) for k in saved)
+    if expected != 4:
+        last = load_file(out / "checkpoint-4" / "model.safetensors")
+        assert any(not torch.equal(saved[k], last[k]) for k in saved)
+        assert f"**step {expected}**" in (out / "README.md").read_text()
+    if greater_is_better:
+        assert expected != 4, "eval_loss should fall during these steps, so the highest is not the last"
+
+
+def reference_early_stop(values: list[float], patience: int, threshold: float) -> int:
+    """The evaluation (1-based) after which transformers' EarlyStoppingCallback stops training, or len(values)."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_callback import EarlyStoppingCallback, TrainerControl
+
+    callback = EarlyStoppingCallback(early_stopping_patience=patience, early_stopping_threshold=threshold)
+    args = SimpleNamespace(greater_is_better=False, metric_for_best_model="eval_loss")
+    state, control = SimpleNamespace(best_metric=None), TrainerControl()
+    for i, value in enumerate(values, 1):
+        callback.on_evaluate(args, state, control, metrics={"eval_loss": value})
+        if state.best_metric is None or value < state.best_metric:  # Trainer._determine_best_metric, after it
+            state.best_metric = value
+        if control.should_training_stop:
+            return i
+    return len(values)
+
+
+def test_early_stopping_stops_where_transformers_callback_does(tiny_model_dir, chat_jsonl, tmp_path):
+    common = dict(max_steps=8, eval_ratio=0.2, eval_strategy="steps", eval_steps=1)
+    full = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "full", **common))
+    values = [h["eval_loss"] for h in eval_lines(full)]
+    gains = sorted(a - b for a, b in zip(values, values[1:]) if a > b)
+    stops = []
+    for k, threshold in enumerate([0.0, gains[len(gains) // 2] if gains else 0.0, 100.0]):
+        expected = reference_early_stop(values, patience=2, threshold=threshold)
+        run = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / f"es{k}", early_stopping_patience=2,
+                                early_stopping_threshold=threshold, **common))
+        assert run.global_step == expected, threshold
+        assert [h["eval_loss"] for h in eval_lines(run)] == values[:expected]
+        assert train_lines(run)[-1]["step"] == expected  # the last step's interval is logged
+        stops.append(expected)
+    assert stops[-1] == 3  # nothing improves by 100: the first evaluation, then two without improvement
+
+
+def test_best_model_settings_are_checked_in_one_line():
+    with pytest.raises(ConfigError, match="load_best_model_at_end' needs save_strategy to match"):
+        SFTConfig(load_best_model_at_end=True, eval_strategy="steps", save_strategy="no")
+    with pytest.raises(ConfigError, match="multiple of the evaluation interval"):
+        SFTConfig(load_best_model_at_end=True, eval_strategy="steps", eval_steps=3, save_steps=10)
+    with pytest.raises(ConfigError, match="early_stopping_patience' needs evaluations"):
+        SFTConfig(early_stopping_patience=2)
+    with pytest.raises(ConfigError, match="metric_for_best_model"):
+        SFTConfig(metric_for_best_model="bleu", early_stopping_patience=1, eval_strategy="steps")
+    SFTConfig(load_best_model_at_end=True, eval_strategy="steps", eval_steps=5, save_steps=10,
+              metric_for_best_model="mean_token_accuracy")
+
+
+def test_a_resumed_run_keeps_choosing_among_all_checkpoints(tiny_model_dir, chat_jsonl, tmp_path):
+    """The selection state travels in the checkpoint: after a resume, the best of steps 1-2 still competes."""
+    import json
+
+    out = tmp_path / "run"
+    train(best_config(tiny_model_dir, chat_jsonl, out, greater_is_better=True, max_steps=2))
+    resumed = train(best_config(tiny_model_dir, chat_jsonl, out, greater_is_better=True, max_steps=4,
+                                resume_from_checkpoint=True))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {h["step"]: h["eval_loss"] for h in lines if "eval_loss" in h}
+    assert sorted(losses) == [1, 2, 3, 4]
+    summary = [h for h in resumed.history if "best_model_step" in h][-1]
+    assert summary["best_model_step"] == max(losses, key=losses.get) <= 2

@@ -200,9 +200,10 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
         )
 
 
-def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
-    """Delete the oldest checkpoints beyond `keep`."""
+def prune_checkpoints(output_dir: Path, keep: int | None, protected_step: int | None = None) -> None:
+    """Delete the oldest checkpoints beyond `keep`; checkpoint-<protected_step> (the best one) is always kept."""
     if keep is None:
         return
-    for _, path in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    for step, path in list_checkpoints(output_dir)[:-keep]:
+        if step != protected_step:
+            shutil.rmtree(path, ignore_errors=True)

@@ -29,6 +29,7 @@ from sftune.errors import TrainingError, TrainingInterrupted, UserError
 from sftune.export.save import save_model
 from sftune.generation import greedy_answer
 from sftune.training import checkpoint, sharded
+from sftune.training.best_model import BestModelTracker, tracks_best
 from sftune.training.interrupt import StopSignals
 from sftune.training.loss import CausalLMWithLoss
 from sftune.training.metrics import TokenTotals, eval_metrics, train_metrics
@@ -87,8 +88,11 @@ class Trainer:
         self.totals = TokenTotals(source_names, config.loss_type == "dft", accelerator.device)
         self.interval_seconds = 0.0
         self.last_eval_step = -1
+        self.last_logged_step = -1
         self.signals: StopSignals | None = None  # while fit runs
         self.rng_at_step_start: list[dict[str, Any]] | None = None  # what a checkpoint of the last step holds
+        # load_best_model_at_end and early stopping (training/best_model.py)
+        self.best = BestModelTracker(config) if tracks_best(config) else None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -127,14 +131,23 @@ class Trainer:
                     if self.step % self.config.logging_steps == 0 or last or first_logged:
                         history.append(self._log(learning_rate, grad_norm))
                     if self._due(self.config.eval_strategy, self.eval_every, epoch_done) and self.eval_rows:
-                        history.append(self.evaluate())
+                        history.append(self._evaluate_and_track())
                     if self._due(self.config.save_strategy, self.config.save_steps, epoch_done):
                         self.save_checkpoint()
                     if self._stop_requested():
                         path = self._checkpoint_of_last_step()
                         raise TrainingInterrupted(self.step, str(path), self.signals.signal_number or signal.SIGINT)
+                    if self.best is not None and self.best.should_stop():
+                        log.info("early stopping at step %d: %s has not improved for %d evaluations (best %g at "
+                                 "step %d)", self.step, self.best.key, self.best.patience, self.best.state.best_value,
+                                 self.best.state.best_step)
+                        if self.last_logged_step != self.step:  # the last interval's line, as at the last step
+                            history.append(self._log(learning_rate, grad_norm))
+                        break
                 if self.config.eval_strategy != "no" and self.eval_rows and self.last_eval_step != self.step:
-                    history.append(self.evaluate())  # the final model is always evaluated
+                    history.append(self._evaluate_and_track())  # the final model is always evaluated
+                if self.best is not None and self.config.load_best_model_at_end:
+                    history.append(self._end_with_best_model())
         finally:
             self.signals = None
             self.reporter.close()
@@ -222,6 +235,7 @@ class Trainer:
         if self.skipped_steps:
             metrics["skipped_steps"] = self.skipped_steps
         self.reporter.log(metrics)
+        self.last_logged_step = self.step
         self.totals.reset()
         self.interval_seconds = 0.0
         return metrics
@@ -255,6 +269,32 @@ class Trainer:
         self.last_eval_step = self.step
         return metrics
 
+    def _evaluate_and_track(self) -> dict[str, Any]:
+        metrics = self.evaluate()
+        if self.best is not None:
+            self.best.evaluated(self.step, metrics)
+        return metrics
+
+    def _end_with_best_model(self) -> dict[str, Any]:
+        """The best kept model becomes the final one: its checkpoint's weights are loaded (every process)."""
+        self.best.kept(self.step)  # the final model, evaluated just now, is a candidate too
+        best_step = self.best.state.candidate_step
+        if best_step is not None and best_step != self.step:
+            path = self.output_dir / f"{checkpoint.PREFIX}{best_step}"
+            if not (path / checkpoint.STATE_FILE).is_file():
+                raise TrainingError(f"load_best_model_at_end: the best checkpoint {path} is gone; the final model "
+                                    f"is in {self.output_dir / checkpoint.PREFIX}{self.step} if it was saved")
+            if sharded.is_sharded(self.accelerator):
+                sharded.load_shards(self.accelerator, path)
+            else:
+                checkpoint.load_model_weights(self.model, path)
+            self.accelerator.wait_for_everyone()
+        log.info("load_best_model_at_end: the saved model is step %s's (%s = %g; the last step was %d)",
+                 best_step, self.best.key, self.best.state.candidate_value, self.step)
+        summary = self.best.summary(self.step)
+        self.reporter.log(summary)
+        return summary
+
     def save_checkpoint(self, rng_states: list[dict[str, Any]] | None = None) -> Path:
         """checkpoint-<step>: every process takes part (random generators, sharded weights and optimizer).
 
@@ -271,16 +311,20 @@ class Trainer:
         if sharded.is_sharded(accelerator):
             sharded.save_shards(accelerator, stage)
         path = self.output_dir / f"{checkpoint.PREFIX}{self.step}"
+        if self.best is not None:
+            self.best.kept(self.step)
         if accelerator.is_main_process:
             state = {"global_step": self.step, "num_tokens": self.num_tokens, "total_steps": self.total_steps,
                      "rows_per_step": self.plan.rows_per_step, "world_size": self.world_size,
                      "skipped_steps": self.skipped_steps}
+            if self.best is not None:
+                state["best_model"] = self.best.to_dict()
             path = checkpoint.publish_checkpoint(
                 stage, self.step, lambda folder: save_model(self.model, self.saved_with_model, folder, state_dict),
                 None if sharded.is_sharded(accelerator) else self.optimizer, self.scheduler, rng_states, state,
                 self.output_dir / CONFIG_FILENAME,
             )
-            checkpoint.prune_checkpoints(self.output_dir, self.config.save_total_limit)
+            checkpoint.prune_checkpoints(self.output_dir, self.config.save_total_limit, self._protected_checkpoint())
             log.info("saved checkpoint %s", path)
         accelerator.wait_for_everyone()
         return path
@@ -299,6 +343,8 @@ class Trainer:
         trainer = state["trainer"]
         self.step, self.num_tokens = trainer["global_step"], trainer["num_tokens"]
         self.skipped_steps = trainer.get("skipped_steps", 0)
+        if self.best is not None:
+            self.best.restore(trainer.get("best_model"))
         if trainer.get("rows_per_step") != self.plan.rows_per_step:
             log.warning("resuming with %d rows per step where the run had %s: the data order will differ from "
                         "an uninterrupted run", self.plan.rows_per_step, trainer.get("rows_per_step"))
@@ -340,6 +386,10 @@ class Trainer:
         """checkpoint-<step>, saved now unless this step's checkpoint is already there."""
         saved = dict(checkpoint.list_checkpoints(self.output_dir))
         return saved[self.step] if self.step in saved else self.save_checkpoint(rng_states)
+
+    def _protected_checkpoint(self) -> int | None:
+        """The best checkpoint survives save_total_limit while load_best_model_at_end may still need it."""
+        return self.best.state.candidate_step if self.best is not None and self.config.load_best_model_at_end else None
 
     def _last_checkpoint_text(self) -> str:
         saved = checkpoint.list_checkpoints(self.output_dir)
