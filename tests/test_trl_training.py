@@ -233,3 +233,153 @@ def test_a_resumed_run_keeps_choosing_among_all_checkpoints(tiny_model_dir, chat
     assert sorted(losses) == [1, 2, 3, 4]
     summary = [h for h in resumed.history if "best_model_step" in h][-1]
     assert summary["best_model_step"] == max(losses, key=losses.get) <= 2
+
+
+# ---------------------------------------------------------------- save_only_model
+
+
+def test_save_only_model_checkpoints_hold_weights_only_and_refuse_to_resume(tiny_model_dir, chat_jsonl, tmp_path):
+    from sftune.errors import UserError
+
+    out = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, chat_jsonl, out, max_steps=2, save_strategy="steps", save_steps=1,
+                      save_only_model=True))
+    full = tmp_path / "full"
+    train(tiny_config(tiny_model_dir, chat_jsonl, full, max_steps=1, save_strategy="steps", save_steps=1))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt"):
+        assert (full / "checkpoint-1" / name).is_file()
+        assert not (out / "checkpoint-1" / name).exists() and not (out / "checkpoint-2" / name).exists()
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    for resume in (str(out / "checkpoint-1"), True):
+        with pytest.raises(UserError, match="save_only_model: true.*cannot continue"):
+            train(tiny_config(tiny_model_dir, chat_jsonl, out, max_steps=3, resume_from_checkpoint=resume))
+    # its weights start a new run
+    train(tiny_config(out / "checkpoint-2", chat_jsonl, tmp_path / "next", max_steps=1))
+
+
+def test_a_stop_with_save_only_model_still_writes_a_checkpoint_that_resumes(tiny_model_dir, chat_jsonl, tmp_path,
+                                                                            monkeypatch):
+    from sftune.training import checkpoint
+    from sftune.training.loop import Trainer
+
+    config = tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "run", max_steps=2, save_strategy="steps",
+                         save_steps=1, save_only_model=True)
+    stops = []
+    periodic_save = Trainer.save_checkpoint
+
+    def save_then_stop(self, rng_states=None, model_only=None):
+        path = periodic_save(self, rng_states, model_only)
+        if model_only is None and self.step == 1:  # as if Ctrl-C came during the periodic save of step 1
+            stops.append(self._checkpoint_of_last_step())
+        return path
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_stop)
+    train(config)
+    assert stops and not checkpoint.is_model_only(stops[0]) and (stops[0] / "optimizer.pt").is_file()
+
+
+# ---------------------------------------------------------------- pad_to_multiple_of
+
+
+@pytest.mark.parametrize("layout_settings", [dict(padding_free=False), dict(padding_free=False, packing=True),
+                                             dict(padding_free=True)], ids=["padded", "packed", "padding_free"])
+def test_pad_to_multiple_of_pads_every_layout_and_changes_no_number(tiny_model_dir, layout_settings):
+    """Batch lengths become multiples of 16 in each layout; loss and gradients equal those without the padding."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sftune.batching import plan_batching
+    from sftune.data.collate import make_collator
+    from sftune.training.loss import CausalLMWithLoss
+    from tests.conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    rng = np.random.default_rng(0)
+    lengths = [[5, 9], [7], [3, 4, 6]] if layout_settings.get("packing") else [[11], [5], [9]]
+    rows = []
+    for docs in lengths:
+        ids = rng.integers(3, len(tokenizer), sum(docs))
+        row = {"input_ids": ids, "labels": ids.copy()}
+        if layout_settings.get("packing"):
+            row["seq_lengths"], row["source"] = np.array(docs), np.zeros(len(docs), dtype=np.int64)
+        rows.append(row)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loss_model = CausalLMWithLoss(model)
+    results = []
+    for multiple in (None, 16):
+        config = SFTConfig(pad_to_multiple_of=multiple, max_length=32, **layout_settings)
+        batches = make_collator(plan_batching(config, device_type="cpu"), tokenizer)(rows)
+        widths = [b["input_ids"].shape[1] for b in batches]
+        if multiple:
+            assert all(w % multiple == 0 for w in widths) and widths != results[0][0]
+        model.zero_grad()
+        total = sum(loss_model(**{k: v for k, v in b.items() if k != "source_ids"})["loss_sum"] for b in batches)
+        total.backward()
+        results.append((widths, float(total.detach()), [p.grad.clone() for p in model.parameters()]))
+    (_, plain_loss, plain_grads), (_, padded_loss, padded_grads) = results
+    assert padded_loss == pytest.approx(plain_loss, abs=1e-4)
+    for got, want in zip(padded_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- eval_packing
+
+
+def test_eval_packing_follows_packing_and_keeps_eval_documents_apart(tiny_model_dir, chat_jsonl, tmp_path):
+    """Packed eval rows when eval_packing (or, unset, packing) says so; on padded training batches the packed eval
+    rows still give the unpacked eval loss (documents kept apart), before any step."""
+    from sftune.config import eval_rows_packed
+
+    assert eval_rows_packed(SFTConfig(packing=True)) and not eval_rows_packed(SFTConfig())
+    assert not eval_rows_packed(SFTConfig(packing=True, eval_packing=False))
+    common = dict(max_steps=1, eval_ratio=0.25, eval_on_start=True, padding_free=False, max_length=256,
+                  per_device_eval_batch_size=2)
+    unpacked = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "a", **common))
+    packed = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "b", eval_packing=True, **common))
+    assert unpacked.plan.layout == packed.plan.layout == "padded" and packed.plan.eval_layout == "packed"
+    assert packed.data_stats["eval_rows"] < unpacked.data_stats["eval_rows"]  # documents were packed together
+    assert packed.data_stats["eval_trained_tokens"] == unpacked.data_stats["eval_trained_tokens"]
+    assert eval_lines(packed)[0]["eval_loss"] == pytest.approx(eval_lines(unpacked)[0]["eval_loss"], abs=1e-5)
+    not_packed = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "c", packing=True, eval_packing=False,
+                                   **common))
+    assert not_packed.data_stats["eval_rows"] == unpacked.data_stats["eval_rows"]
+
+
+# ---------------------------------------------------------------- shuffle_dataset, data_seed
+
+
+def prepared_train_ids(model_dir, data, **settings) -> list[tuple[int, ...]]:
+    from transformers import AutoTokenizer
+
+    from sftune.data.prepare import prepare_train_data
+
+    config = SFTConfig(model_name_or_path=str(model_dir), dataset_name=str(data), max_length=128, **settings)
+    prepared = prepare_train_data(config, AutoTokenizer.from_pretrained(model_dir))
+    return [tuple(int(t) for t in row["input_ids"]) for row in prepared.train_rows]
+
+
+def test_shuffle_dataset_shuffles_the_documents_once_by_data_seed(tiny_model_dir, chat_jsonl):
+    in_order = prepared_train_ids(tiny_model_dir, chat_jsonl)
+    shuffled = prepared_train_ids(tiny_model_dir, chat_jsonl, shuffle_dataset=True)
+    again = prepared_train_ids(tiny_model_dir, chat_jsonl, shuffle_dataset=True, seed=5, data_seed=42)
+    other = prepared_train_ids(tiny_model_dir, chat_jsonl, shuffle_dataset=True, data_seed=7)
+    assert shuffled != in_order and sorted(shuffled) == sorted(in_order)
+    assert again == shuffled  # data_seed, not seed, decides
+    assert other != shuffled and sorted(other) == sorted(in_order)
+
+
+def test_data_seed_decides_the_data_order_and_seed_the_rest(tiny_model_dir, chat_jsonl, tmp_path):
+    """A full fine-tune without dropout depends on seeds only through the data: the same data_seed under
+    different seeds gives the same losses; another data_seed other losses. With LoRA, seed still sets the init."""
+    common = dict(max_steps=3, per_device_train_batch_size=4, eval_ratio=0.2, eval_strategy="steps", eval_steps=3)
+    first = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "a", seed=1, data_seed=7, **common))
+    second = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "b", seed=2, data_seed=7, **common))
+    other = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "c", seed=1, data_seed=8, **common))
+    assert [h["loss"] for h in train_lines(first)] == [h["loss"] for h in train_lines(second)]
+    assert eval_lines(first)[-1]["eval_loss"] == eval_lines(second)[-1]["eval_loss"]  # the same held-out rows
+    assert [h["loss"] for h in train_lines(first)] != [h["loss"] for h in train_lines(other)]
+    lora = dict(use_peft=True, lora_dropout=0.0, **common)
+    lora_a = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "d", seed=1, data_seed=7, **lora))
+    lora_b = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "e", seed=2, data_seed=7, **lora))
+    assert [h["loss"] for h in train_lines(lora_a)][1:] != [h["loss"] for h in train_lines(lora_b)][1:]

@@ -138,7 +138,8 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     model = prepare_for_training(model, config)
 
     trainer = Trainer(model, tokenizer, data.train_rows, data.eval_rows, data.source_names, config, accelerator,
-                      output_dir, plan, make_collator(plan, tokenizer, processor), processor=processor)
+                      output_dir, plan, make_collator(plan, tokenizer, processor), processor=processor,
+                      eval_collate=make_collator(plan, tokenizer, processor, evaluation=True))
     if accelerator.is_main_process:  # only now, so that a run that failed to start leaves output_dir as it was
         claim_output_dir(config, resume_from)
     accelerator.wait_for_everyone()

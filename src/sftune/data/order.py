@@ -6,15 +6,15 @@ from typing import Any
 
 import numpy as np
 
-from sftune.config import SFTConfig
+from sftune.config import SFTConfig, data_seed_of
 
 GROUP_SPAN = 50  # group_by_length sorts within windows of this many micro-batches (as transformers does)
 
 
 def epoch_order(rows: list[dict[str, Any]], config: SFTConfig, epoch: int) -> np.ndarray:
-    """The shuffled row order of one epoch. With group_by_length, each window of 50 micro-batches of the shuffled
+    """The shuffled row order of one epoch (seeded by data_seed, which defaults to seed). With group_by_length, each window of 50 micro-batches of the shuffled
     order is sorted longest first, so every micro-batch holds rows of similar length (less padding)."""
-    order = np.random.default_rng([config.seed, epoch]).permutation(len(rows))
+    order = np.random.default_rng([data_seed_of(config), epoch]).permutation(len(rows))
     if not config.group_by_length or config.packing:
         return order
     lengths = np.fromiter((len(rows[i]["input_ids"]) for i in order), dtype=np.int64, count=len(order))

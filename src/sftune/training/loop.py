@@ -47,9 +47,11 @@ Batch = dict[str, torch.Tensor]
 class Trainer:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, train_rows: Rows, eval_rows: Rows,
                  source_names: list[str], config: SFTConfig, accelerator: Any, output_dir: Path,
-                 plan: BatchingPlan, collate: Callable[[Rows], list[Batch]], processor: Any = None):
+                 plan: BatchingPlan, collate: Callable[[Rows], list[Batch]], processor: Any = None,
+                 eval_collate: Callable[[Rows], list[Batch]] | None = None):
         self.config, self.accelerator, self.output_dir = config, accelerator, output_dir
         self.plan, self.tokenizer, self.collate = plan, tokenizer, collate
+        self.eval_collate = eval_collate or collate  # eval rows may be packed where training rows are not
         self.saved_with_model = processor or tokenizer  # a vision-language model's processor holds its tokenizer
         self.train_rows, self.eval_rows, self.source_names = train_rows, eval_rows, source_names
         self.world_size = accelerator.num_processes
@@ -93,6 +95,10 @@ class Trainer:
         self.rng_at_step_start: list[dict[str, Any]] | None = None  # what a checkpoint of the last step holds
         # load_best_model_at_end and early stopping (training/best_model.py)
         self.best = BestModelTracker(config) if tracks_best(config) else None
+        if self.best is not None and config.load_best_model_at_end and config.save_only_model \
+                and sharded.is_sharded(accelerator):
+            raise UserError("load_best_model_at_end under FSDP/DeepSpeed reloads the best checkpoint's shards, which "
+                            "save_only_model: true leaves out: set save_only_model: false")
 
     @property
     def model(self) -> torch.nn.Module:
@@ -255,7 +261,7 @@ class Trainer:
             for i in range(math.ceil(len(self.eval_rows) / (size * self.world_size))):
                 start = (i * self.world_size + accelerator.process_index) * size
                 rows = self.eval_rows[start:start + size] or [_without_targets(self.eval_rows[0])]
-                for batch in self.collate(rows):
+                for batch in self.eval_collate(rows):
                     sources = batch.pop("source_ids", None)
                     out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
                     totals.add(out["token_stats"], _trained(sources, batch["targets"]))
@@ -295,10 +301,12 @@ class Trainer:
         self.reporter.log(summary)
         return summary
 
-    def save_checkpoint(self, rng_states: list[dict[str, Any]] | None = None) -> Path:
+    def save_checkpoint(self, rng_states: list[dict[str, Any]] | None = None, model_only: bool | None = None) -> Path:
         """checkpoint-<step>: every process takes part (random generators, sharded weights and optimizer).
 
-        `rng_states` replaces the generators' current states (a stop within a step saves those at its start)."""
+        `rng_states` replaces the generators' current states (a stop within a step saves those at its start).
+        `model_only` (unset: save_only_model) leaves the optimizer, schedule and generators out."""
+        model_only = self.config.save_only_model if model_only is None else model_only
         from accelerate.utils import gather_object
 
         accelerator = self.accelerator
@@ -308,7 +316,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         rng_states = rng_states or gather_object([checkpoint.rng_state()])
         state_dict = sharded.full_state_dict(accelerator, self.loss_model)
-        if sharded.is_sharded(accelerator):
+        if sharded.is_sharded(accelerator) and not model_only:
             sharded.save_shards(accelerator, stage)
         path = self.output_dir / f"{checkpoint.PREFIX}{self.step}"
         if self.best is not None:
@@ -319,9 +327,12 @@ class Trainer:
                      "skipped_steps": self.skipped_steps}
             if self.best is not None:
                 state["best_model"] = self.best.to_dict()
+            if model_only:
+                state["model_only"] = True
             path = checkpoint.publish_checkpoint(
                 stage, self.step, lambda folder: save_model(self.model, self.saved_with_model, folder, state_dict),
-                None if sharded.is_sharded(accelerator) else self.optimizer, self.scheduler, rng_states, state,
+                None if sharded.is_sharded(accelerator) or model_only else self.optimizer,
+                None if model_only else self.scheduler, None if model_only else rng_states, state,
                 self.output_dir / CONFIG_FILENAME,
             )
             checkpoint.prune_checkpoints(self.output_dir, self.config.save_total_limit, self._protected_checkpoint())
@@ -385,7 +396,9 @@ class Trainer:
     def _checkpoint_of_last_step(self, rng_states: list[dict[str, Any]] | None = None) -> Path:
         """checkpoint-<step>, saved now unless this step's checkpoint is already there."""
         saved = dict(checkpoint.list_checkpoints(self.output_dir))
-        return saved[self.step] if self.step in saved else self.save_checkpoint(rng_states)
+        if self.step in saved and not checkpoint.is_model_only(saved[self.step]):
+            return saved[self.step]
+        return self.save_checkpoint(rng_states, model_only=False)  # a stop writes one that resumes
 
     def _protected_checkpoint(self) -> int | None:
         """The best checkpoint survives save_total_limit while load_best_model_at_end may still need it."""
