@@ -235,13 +235,13 @@ def test_unquoted_no_in_yaml_is_the_choice_no(tmp_path):
 
 def test_every_bad_key_of_a_file_is_reported_in_one_line(tmp_path):
     path = tmp_path / "trl.yaml"
-    path.write_text("shuffle_dataset: true\nlora_task_type: CAUSAL_LM\nuse_cpu: true\nlearnig_rate: 1.0e-4\n"
+    path.write_text("sample_packing: true\nlora_task_type: CAUSAL_LM\nuse_cpu: true\nlearnig_rate: 1.0e-4\n"
                     "bf16: true\nmax_seq_length: 64\nmax_length: 64\n")
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{path}: 6 problems: ")
-    for part in ("unknown key 'shuffle_dataset'", "unknown key 'lora_task_type'", "unknown key 'use_cpu'",
+    for part in ("unknown key 'sample_packing'", "unknown key 'lora_task_type'", "unknown key 'use_cpu'",
                  "unknown key 'learnig_rate' (did you mean 'learning_rate'?)", "'bf16' is not supported",
                  "key 'max_length' is given twice"):
         assert part in message
@@ -250,7 +250,7 @@ def test_every_bad_key_of_a_file_is_reported_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("key,suggested", [
-    ("shuffle_dataset", None), ("lora_task_type", None), ("use_cpu", None), ("colour", None),
+    ("sample_packing", None), ("lora_task_type", None), ("use_cpu", None), ("colour", None),
     ("learnig_rate", "learning_rate"), ("gradient_acumulation_steps", "gradient_accumulation_steps"),
     ("max_seq_len", "max_length"), ("num_epochs", "num_train_epochs"), ("save_step", "save_steps"),
     ("eval_batch_size", "per_device_eval_batch_size"),
@@ -280,9 +280,9 @@ def test_every_value_out_of_range_and_every_mistyped_value_at_once():
 def test_cli_reports_unknown_flags_and_the_file_s_bad_keys_together(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("use_cpu: true\n")
-    code, _, err = run_cli(capsys, "train", str(path), "--learnig_rate", "1e-4", "--shuffle-dataset", "--seed", "1")
+    code, _, err = run_cli(capsys, "train", str(path), "--learnig_rate", "1e-4", "--sample-packing", "--seed", "1")
     assert code == 2 and err.count("\n") == 1
-    assert "2 problems: unknown key 'learnig_rate' (did you mean 'learning_rate'?); unknown key 'shuffle_dataset'" \
+    assert "2 problems: unknown key 'learnig_rate' (did you mean 'learning_rate'?); unknown key 'sample_packing'" \
         in err
     assert f"and {path}: unknown key 'use_cpu'" in err
 
