@@ -129,7 +129,7 @@ def make_collator(plan: BatchingPlan, tokenizer: Any, processor: Any = None,
         from sftune.data.vision_batches import vision_collator
         from sftune.data.vision_inputs import vision_inputs_of
 
-        return vision_collator(vision_inputs_of(processor), pad, layout)
+        return vision_collator(vision_inputs_of(processor), pad, layout, plan.pad_to_multiple_of)
     multiple = plan.pad_to_multiple_of
     if layout == "rows":
         return lambda rows: [position_batch([row], pad, join=True, multiple=multiple) for row in rows]
