@@ -220,6 +220,20 @@ def test_best_model_settings_are_checked_in_one_line():
               metric_for_best_model="mean_token_accuracy")
 
 
+def test_a_per_source_metric_must_name_a_mixed_dataset():
+    from sftune.errors import UserError
+    from sftune.training.best_model import BestModelTracker
+
+    config = SFTConfig(eval_strategy="steps", early_stopping_patience=1, metric_for_best_model="loss/chat")
+    BestModelTracker(config).check_sources(["chat", "code"])
+    for sources in (["code", "math"], ["chat"]):
+        with pytest.raises(UserError, match="eval_loss/chat' names no data source"):
+            BestModelTracker(config).check_sources(sources)
+    tracker = BestModelTracker(SFTConfig(eval_strategy="steps", early_stopping_patience=1,
+                                         metric_for_best_model="mean_token_accuracy"))
+    assert tracker.key == "eval_mean_token_accuracy" and tracker.better(0.6, 0.5)  # accuracy: higher is better
+
+
 def test_a_resumed_run_keeps_choosing_among_all_checkpoints(tiny_model_dir, chat_jsonl, tmp_path):
     """The selection state travels in the checkpoint: after a resume, the best of steps 1-2 still competes."""
     import json

@@ -57,6 +57,16 @@ class BestModelTracker:
         self.state = BestModelState()
         self.last: tuple[int, float] | None = None  # (step, value) of the latest evaluation
 
+    def check_sources(self, source_names: list[str]) -> None:
+        """A per-source metric ('eval_loss/<source>') must name one of the mixed datasets; checked before training."""
+        if "/" not in self.key:
+            return
+        source = self.key.split("/", 1)[1]
+        if len(source_names) < 2 or source not in source_names:
+            known = ", ".join(source_names) if len(source_names) > 1 else "none: there is one dataset"
+            raise UserError(f"metric_for_best_model: '{self.key}' names no data source of this run (per-source "
+                            f"eval metrics: {known}): use one of them, or {self.key.split('/', 1)[0]}")
+
     def evaluated(self, step: int, metrics: dict[str, Any]) -> None:
         """Record one evaluation of the model at `step` (not the one at the start)."""
         if self.key not in metrics:

@@ -95,6 +95,10 @@ class Trainer:
         self.rng_at_step_start: list[dict[str, Any]] | None = None  # what a checkpoint of the last step holds
         # load_best_model_at_end and early stopping (training/best_model.py)
         self.best = BestModelTracker(config) if tracks_best(config) else None
+        if self.best is not None:
+            self.best.check_sources(source_names)
+            if not config.load_best_model_at_end:
+                log.info("early stopping without load_best_model_at_end: the saved model is the last one, not the best")
         if self.best is not None and config.load_best_model_at_end and config.save_only_model \
                 and sharded.is_sharded(accelerator):
             raise UserError("load_best_model_at_end under FSDP/DeepSpeed reloads the best checkpoint's shards, which "
