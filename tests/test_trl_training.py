@@ -397,3 +397,42 @@ def test_data_seed_decides_the_data_order_and_seed_the_rest(tiny_model_dir, chat
     lora_a = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "d", seed=1, data_seed=7, **lora))
     lora_b = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "e", seed=2, data_seed=7, **lora))
     assert [h["loss"] for h in train_lines(lora_a)][1:] != [h["loss"] for h in train_lines(lora_b)][1:]
+
+
+@pytest.mark.slow  # two processes
+def test_best_model_and_early_stopping_under_two_processes_equal_one(tiny_model_dir, tmp_path):
+    """Under DDP every process stops at the same step and loads the same best checkpoint: the saved model equals
+    the one-process run's, which is that run's best checkpoint."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import conversations, write_jsonl
+    from safetensors.torch import load_file
+
+    data_file = write_jsonl(tmp_path / "chat.jsonl", conversations(30, seed=5))
+    settings = dict(max_steps=6, eval_ratio=0.2, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                    save_steps=1, load_best_model_at_end=True, greater_is_better=True, early_stopping_patience=2,
+                    padding_free=False)
+    flags = [part for key, value in settings.items() for part in (f"--{key}", str(value).lower())]
+    ddp = subprocess.run([sys.executable, "-m", "sftune", "train", "--model_name_or_path", str(tiny_model_dir),
+                          "--dataset_name", str(data_file), "--output_dir", str(tmp_path / "ddp"), "--learning_rate",
+                          "1e-3", "--logging_steps", "1", "--max_length", "128", "--per_device_train_batch_size", "2",
+                          "--gradient_accumulation_steps", "2", "--num_processes", "2", *flags],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "8 rows per step (2 x 2 accumulation x 2 processes)" in ddp.stderr
+    single = train(tiny_config(tiny_model_dir, data_file, tmp_path / "one", per_device_train_batch_size=8,
+                               **settings))
+    lines = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    summary = [line for line in lines if "best_model_step" in line][-1]
+    expected = [h for h in single.history if "best_model_step" in h][-1]
+    assert single.global_step < 6 and summary["step"] == expected["step"] == single.global_step
+    assert summary["best_model_step"] == expected["best_model_step"]
+    two, one = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    best = load_file(tmp_path / "one" / f"checkpoint-{expected['best_model_step']}" / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
+        assert torch.equal(one[name], best[name])
