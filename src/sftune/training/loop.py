@@ -289,6 +289,9 @@ class Trainer:
         """The best kept model becomes the final one: its checkpoint's weights are loaded (every process)."""
         self.best.kept(self.step)  # the final model, evaluated just now, is a candidate too
         best_step = self.best.state.candidate_step
+        if best_step is None:  # no evaluation ran (no eval rows): the final model stays
+            log.warning("load_best_model_at_end: no evaluation ran, so the saved model is the last one")
+            return self.best.summary(self.step)
         if best_step is not None and best_step != self.step:
             path = self.output_dir / f"{checkpoint.PREFIX}{best_step}"
             if not (path / checkpoint.STATE_FILE).is_file():
