@@ -104,6 +104,18 @@ MUTANTS = (
         "    state = None\n",
         ("tests/test_fsdp2.py",),
     ),
+    Mutant(
+        "label_smoothing_gradient", "label smoothing's uniform share is left out of the gradient (the value keeps it)",
+        "training/loss.py", "                grad_logits -= smoothing / logits.shape[-1]\n",
+        "                pass\n",
+        ("tests/test_loss.py::test_label_smoothing_equals_torch_cross_entropy",),
+    ),
+    Mutant(
+        "best_model_selection", "load_best_model_at_end keeps the last evaluated checkpoint, not the best one",
+        "training/best_model.py", "if state.candidate_value is None or self.better(value, state.candidate_value):",
+        "if True:",
+        ("tests/test_trl_training.py::test_best_checkpoint_becomes_the_saved_model",),
+    ),
 )
 
 

@@ -149,3 +149,61 @@ def test_model_loss_and_gradients_equal_transformers(tiny_model_dir):
     torch.testing.assert_close(ours, theirs, **TOL)
     for name, param in model.named_parameters():
         torch.testing.assert_close(our_grads[name], param.grad, **TOL, msg=name)
+
+
+# ---------------------------------------------------------------- label smoothing (label_smoothing_factor)
+
+
+@pytest.mark.parametrize("chunk", [5, 1000])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_label_smoothing_equals_torch_cross_entropy(chunk, softcap, wrapped):
+    """Values, gradients and the per-token smoothed loss equal F.cross_entropy(label_smoothing=...), on the fused
+    Linear path and on the module path (a wrapped head)."""
+    hidden, head, targets = make(bias=True)
+    eps, n = 0.1, len(targets)
+    used_head = WrappedHead(head) if wrapped else head
+    logits = used_head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    per_token = F.cross_entropy(logits, targets, label_smoothing=eps, reduction="none")
+    expected_grads = grads(per_token.sum() / n, hidden, head)
+    loss, stats = chunked_lm_loss(hidden, used_head, targets, LogitTransform(softcap=softcap), chunk_tokens=chunk,
+                                  label_smoothing=eps)
+    torch.testing.assert_close(loss / n, per_token.sum() / n, **TOL)
+    for got, want in zip(grads(loss / n, hidden, head), expected_grads):
+        torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(stats.objective, per_token.detach(), **TOL)
+    torch.testing.assert_close(stats.nll, F.cross_entropy(logits, targets, reduction="none").detach(), **TOL)
+    # and smoothing changes the numbers: the comparison above is not plain cross-entropy against itself
+    plain, _ = chunked_lm_loss(hidden, used_head, targets, LogitTransform(softcap=softcap), chunk_tokens=chunk)
+    assert abs(float(plain.detach() - loss.detach())) > 1e-3
+
+
+def test_label_smoothing_applies_in_training_only(tiny_model_dir):
+    """The training forward is smoothed; in eval mode the same module gives plain cross-entropy."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    targets = torch.full_like(input_ids, -100)
+    targets[:, :-1] = input_ids[:, 1:]
+    smoothed = CausalLMWithLoss(model, label_smoothing=0.2)
+    plain = CausalLMWithLoss(model)
+    smoothed.train()
+    plain.train()
+    train_smoothed = smoothed(input_ids=input_ids, targets=targets)
+    train_plain = plain(input_ids=input_ids, targets=targets)
+    assert float(train_smoothed["loss_sum"]) > float(train_plain["loss_sum"]) + 1e-3
+    smoothed.eval()
+    with torch.no_grad():
+        eval_smoothed = smoothed(input_ids=input_ids, targets=targets)
+    torch.testing.assert_close(eval_smoothed["loss_sum"], train_plain["loss_sum"].detach(), **TOL)
+    assert eval_smoothed["token_stats"].objective is None
+
+
+def test_label_smoothing_is_refused_with_dft():
+    hidden, head, targets = make()
+    with pytest.raises(ValueError, match="DFT"):
+        chunked_lm_loss(hidden, head, targets, dft=True, label_smoothing=0.1)

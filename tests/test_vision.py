@@ -220,3 +220,23 @@ def test_inspect_shows_the_image_tokens_of_each_row(tiny_llava_dir, image_dir):
     assert "inspect.jsonl row 1, 1 image: 4 image tokens ---" in text
     assert "inspect.jsonl row 3, 2 images: 4 + 4 image tokens ---" in text
     assert "inspect.jsonl row 4, no images ---" in text
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_pad_to_multiple_of_pads_image_batches_too(tiny_llava_dir, image_dir, padding_free):
+    """pad_to_multiple_of (issue 15) in the vision collator: every batch's length is a multiple, and the padding
+    adds no target."""
+    data_file = write_jsonl(image_dir / "rows.jsonl", image_rows())
+    data, processor = prepared(config_for(tiny_llava_dir, data_file))
+    rows = sorted(data.train_rows, key=lambda r: r["index"])
+    plain = collator(config_for(tiny_llava_dir, data_file, padding_free=padding_free), processor.tokenizer,
+                     processor)(rows)
+    padded = collator(config_for(tiny_llava_dir, data_file, padding_free=padding_free, pad_to_multiple_of=64),
+                      processor.tokenizer, processor)(rows)
+    assert all(b["input_ids"].shape[1] % 64 == 0 for b in padded)
+    assert [b["input_ids"].shape[1] for b in plain] != [b["input_ids"].shape[1] for b in padded]
+    for before, after in zip(plain, padded):
+        width = before["targets"].shape[1]
+        assert torch.equal(after["targets"][:, :width], before["targets"])
+        assert (after["targets"][:, width:] == IGNORE_INDEX).all()
+        torch.testing.assert_close(after["pixel_values"], before["pixel_values"])

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from sftune.config import SFTConfig
+from sftune.config import SFTConfig, eval_rows_packed
 from sftune.errors import ConfigError
 
 Layout = Literal["padded", "packed", "joined", "rows"]
@@ -36,6 +36,8 @@ class BatchingPlan:
     num_processes: int
     engine: Engine
     device_type: str
+    pad_to_multiple_of: int | None = None  # each micro-batch's sequence length rounded up to a multiple of this
+    eval_layout: Layout | None = None  # evaluation's layout where it differs (packed eval rows): see plan_batching
 
     @property
     def rows_per_micro_step(self) -> int:
@@ -92,8 +94,12 @@ def plan_batching(config: SFTConfig, device_type: str, engine: Engine = "single"
             f"padding_free on {config.attn_implementation or 'sdpa'} attention runs each row as its own forward, "
             f"but under {engine.upper()} every process must run the same number of forwards: set "
             "attn_implementation: flash_attention_2, use packing instead, or set padding_free: false")
+    eval_layout = layout
+    if eval_rows_packed(config) and layout == "padded":  # packed eval rows need documents kept apart
+        eval_layout = "joined" if flash else "packed"
     return BatchingPlan(layout, padding_free, chosen, config.per_device_train_batch_size,
-                        config.gradient_accumulation_steps, num_processes, engine, device_type)
+                        config.gradient_accumulation_steps, num_processes, engine, device_type,
+                        config.pad_to_multiple_of, eval_layout)
 
 
 def _default_padding_free(config: SFTConfig, flash: bool, device_type: str, sharded: bool) -> bool:

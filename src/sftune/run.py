@@ -134,12 +134,16 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     if config.eval_strategy != "no" and not data.eval_rows:
         raise UserError(f"eval_strategy: {config.eval_strategy}, but there is no eval data: set dataset_test_split "
                         "or eval_ratio (or pass eval_dataset), or set eval_strategy: no")
+    if config.eval_on_start and not data.eval_rows:
+        raise UserError("eval_on_start: true, but there is no eval data: set dataset_test_split or eval_ratio (or "
+                        "pass eval_dataset), or set eval_on_start: false")
     model = load_model(config, device=accelerator.device)
     fit_model_to_tokenizer(model, tokenizer)  # embeddings for tokens the template added; the EOS stops generation
     model = prepare_for_training(model, config)
 
     trainer = Trainer(model, tokenizer, data.train_rows, data.eval_rows, data.source_names, config, accelerator,
-                      output_dir, plan, make_collator(plan, tokenizer, processor), processor=processor)
+                      output_dir, plan, make_collator(plan, tokenizer, processor), processor=processor,
+                      eval_collate=make_collator(plan, tokenizer, processor, evaluation=True))
     if accelerator.is_main_process:  # only now, so that a run that failed to start leaves output_dir as it was
         claim_output_dir(config, resume_from)
     accelerator.wait_for_everyone()

@@ -27,6 +27,13 @@ class CheckpointSettings:
         "(each change is logged). Settings that change training are refused whatever this says.", "checkpoints"
     )
 
+    # TRL training keys (issue 15)
+    save_only_model: bool = opt(
+        False, "Checkpoints hold only the model (or adapter), tokenizer and config: no optimizer, schedule or "
+        "random-generator state, so they are smaller but cannot be resumed (a stop by Ctrl-C still writes a full "
+        "one).", "checkpoints",
+    )
+
     def _check_checkpoints(self, problems: Problems) -> None:
         problems.need(self.save_steps > 0, "save_steps", "must be >= 1, or a ratio of the total steps in (0, 1)")
         problems.need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "must be >= 1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from sftune.config.fields import Problems, opt
 from sftune.errors import ConfigError, did_you_mean
@@ -115,6 +115,26 @@ class DataSettings:
         None, "Processes that tokenize the data (unset: one per CPU core for datasets over 2,000 rows).", "data"
     )
 
+    # TRL training keys (issue 15)
+    pad_to_multiple_of: int | None = opt(
+        None, "Pad every batch's sequence length up to a multiple of this (padded batches: the padded width; "
+        "packed and padding-free rows: each row's length). Padding is never trained or attended to. Unset: no "
+        "extra padding.", "data",
+    )
+    eval_packing: bool | None = opt(
+        None, "Pack the eval rows too (unset: as packing). Packed eval rows are kept apart by position_ids.", "data"
+    )
+    shuffle_dataset: bool = opt(
+        False, "Shuffle the training documents once, before packing and batching (seeded by data_seed). Every "
+        "epoch's order is shuffled anyway; this changes which documents are packed together and the order a "
+        "sequential sampler sees.", "data",
+    )
+    data_seed: int | None = opt(
+        None, "Seed of every random choice about the data (eval_ratio hold-out, mixture draws, packing and "
+        "shuffling, each epoch's order), apart from seed, which then only drives initialisation, dropout and "
+        "NEFTune noise. Unset: seed.", "data",
+    )
+
     def _resolved_loss_mask(self) -> str:
         """loss_mask as set, or from TRL's three flags: the one setting every reader of "which tokens are trained"
         uses. Flags that contradict a set loss_mask are an error, so a saved config always agrees with itself."""
@@ -136,6 +156,11 @@ class DataSettings:
         problems.need(0.0 <= self.eval_ratio < 1.0, "eval_ratio", "must be in [0, 1)")
         problems.need(self.dataset_num_proc is None or self.dataset_num_proc >= 1, "dataset_num_proc", "must be >= 1")
         problems.need(not self.packing or self.max_length is not None, "packing", "needs max_length (the packed length)")
+        problems.need(not self.eval_packing or self.max_length is not None, "eval_packing",
+                      "needs max_length (the packed length)")
+        problems.need(self.pad_to_multiple_of is None or self.pad_to_multiple_of >= 1, "pad_to_multiple_of",
+                      "must be >= 1, or unset for no extra padding")
+        problems.need(self.data_seed is None or self.data_seed >= 0, "data_seed", "must be >= 0, or unset to use seed")
         if self.dataset_name is not None and self.datasets is not None:
             problems.add("config keys 'dataset_name' and 'datasets' are both set: keep one of them")
         if self.dataset_test_split is not None and self.eval_ratio > 0:
@@ -170,6 +195,16 @@ class DataSettings:
     def held_out_ratio(self) -> float:
         """The share of each dataset's training rows held out for evaluation: eval_ratio, or TRL's test_split_size."""
         return self.eval_ratio or self.test_split_size or 0.0
+
+
+def data_seed_of(config: Any) -> int:
+    """The seed of the data's random choices: data_seed, or seed when it is unset."""
+    return config.seed if config.data_seed is None else config.data_seed
+
+
+def eval_rows_packed(config: DataSettings) -> bool:
+    """Whether eval rows are packed: eval_packing, or packing when it is unset (TRL's rule)."""
+    return config.packing if config.eval_packing is None else config.eval_packing
 
 
 def loss_mask_of_flags(config: DataSettings) -> str | None:

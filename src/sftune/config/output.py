@@ -29,6 +29,9 @@ class OutputSettings:
     )
     run_name: str | None = opt(None, "Run name shown in trackers (unset: the output_dir's name).", "output")
 
+    # TRL training keys (issue 15)
+    logging_first_step: bool = opt(False, "Also log the first optimizer step (besides every logging_steps).", "output")
+
     def _check_output(self, problems: Problems) -> None:
         problems.need(bool(self.output_dir), "output_dir", "must be a folder path")
         problems.need(self.logging_steps > 0, "logging_steps", "must be >= 1, or a ratio of the total steps in (0, 1)")

@@ -79,6 +79,18 @@ class TrainingSettings:
         False, "Use deterministic kernels everywhere (slower; bitwise-repeatable runs on GPU).", "training"
     )
 
+    # TRL training keys (issue 15)
+    label_smoothing_factor: float = opt(
+        0.0, "Label smoothing of the training loss, as F.cross_entropy(label_smoothing=...): the target is "
+        "(1 - factor) on the true token plus factor spread over the vocabulary. Training only: eval_loss stays "
+        "plain cross-entropy. Not with loss_type: dft.", "training",
+    )
+    neftune_noise_alpha: float | None = opt(
+        None, "NEFTune: uniform noise of scale alpha / sqrt(length x hidden) on the input embeddings of the training "
+        "forward passes only (evaluation, generation and the saved model never see it); TRL suggests 5. Unset: off.",
+        "training",
+    )
+
     def _check_training(self, problems: Problems) -> None:
         need = problems.need
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
@@ -96,4 +108,9 @@ class TrainingSettings:
         need(self.seed >= 0, "seed", "must be >= 0")
         need(self.loss_chunk_size is None or self.loss_chunk_size >= 1, "loss_chunk_size", "must be >= 1")
         need(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
-
+        need(self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0, "neftune_noise_alpha",
+             "must be > 0, or unset for no noise")
+        need(0.0 <= self.label_smoothing_factor < 1.0, "label_smoothing_factor", "must be in [0, 1)")
+        if self.label_smoothing_factor > 0 and self.loss_type == "dft":
+            problems.add(f"config key 'label_smoothing_factor' ({self.label_smoothing_factor}) does not combine with "
+                         "loss_type: dft (DFT weights each token by its own probability): set one of them")

@@ -59,9 +59,14 @@ def _row_arrays(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return np.asarray(row["input_ids"]), targets, sources
 
 
-def pad_batch(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row. Padding gets attention_mask 0 and no target."""
-    width = max(len(r["input_ids"]) for r in rows)
+def padded_width(longest: int, multiple: int | None) -> int:
+    """`longest`, rounded up to a multiple of `multiple` (pad_to_multiple_of) when it is set."""
+    return longest if not multiple else -(-longest // multiple) * multiple
+
+
+def pad_batch(rows: list[dict[str, Any]], pad_token_id: int, multiple: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row (rounded up to `multiple`). Padding gets attention_mask 0 and no target."""
+    width = padded_width(max(len(r["input_ids"]) for r in rows), multiple)
     input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
     attention_mask = np.zeros((len(rows), width), dtype=np.int64)
     targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
@@ -81,12 +86,14 @@ def pad_batch(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.
     }
 
 
-def position_batch(rows: list[dict[str, Any]], pad_token_id: int, join: bool) -> dict[str, torch.Tensor]:
-    """No attention_mask: position_ids restart at every document. `join` makes the batch one row, no padding."""
+def position_batch(rows: list[dict[str, Any]], pad_token_id: int, join: bool,
+                   multiple: int | None = None) -> dict[str, torch.Tensor]:
+    """No attention_mask: position_ids restart at every document. `join` makes the batch one row, no padding
+    (but up to a multiple of `multiple`, pad_to_multiple_of, when it is set)."""
     parts = [_row_arrays(row) + (_positions(document_lengths(row)),) for row in rows]
     if join:
         parts = [tuple(np.concatenate(column) for column in zip(*parts))]
-    width = max(len(p[0]) for p in parts)
+    width = padded_width(max(len(p[0]) for p in parts), multiple)
     input_ids = np.full((len(parts), width), pad_token_id, dtype=np.int64)
     targets = np.full((len(parts), width), IGNORE_INDEX, dtype=np.int64)
     source_ids = np.full((len(parts), width), -1, dtype=np.int64)
@@ -110,19 +117,23 @@ def _positions(lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(np.sum(lengths)), dtype=np.int64) - starts
 
 
-def make_collator(plan: BatchingPlan, tokenizer: Any, processor: Any = None) -> Callable[[Rows], list[Batch]]:
-    """The micro-batch builder for `plan` (`processor`: a vision-language model's). It always returns a list: the
-    micro-batches the loop runs one after another for these rows (one, except in the `rows` layout)."""
+def make_collator(plan: BatchingPlan, tokenizer: Any, processor: Any = None,
+                  evaluation: bool = False) -> Callable[[Rows], list[Batch]]:
+    """The micro-batch builder for `plan` (`processor`: a vision-language model's; `evaluation`: for the eval rows,
+    which may be packed where the training rows are not). It always returns a list: the micro-batches the loop
+    runs one after another for these rows (one, except in the `rows` layout)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = pad if pad is not None else 0
+    layout = (plan.eval_layout or plan.layout) if evaluation else plan.layout
     if processor is not None:  # the same layouts, plus the images and the processor's other inputs
         from sftune.data.vision_batches import vision_collator
         from sftune.data.vision_inputs import vision_inputs_of
 
-        return vision_collator(vision_inputs_of(processor), pad, plan.layout)
-    if plan.layout == "rows":
-        return lambda rows: [position_batch([row], pad, join=True) for row in rows]
-    if plan.layout in ("packed", "joined"):
-        join = plan.layout == "joined"
-        return lambda rows: [position_batch(rows, pad, join=join)]
-    return lambda rows: [pad_batch(rows, pad)]
+        return vision_collator(vision_inputs_of(processor), pad, layout, plan.pad_to_multiple_of)
+    multiple = plan.pad_to_multiple_of
+    if layout == "rows":
+        return lambda rows: [position_batch([row], pad, join=True, multiple=multiple) for row in rows]
+    if layout in ("packed", "joined"):
+        join = layout == "joined"
+        return lambda rows: [position_batch(rows, pad, join=join, multiple=multiple)]
+    return lambda rows: [pad_batch(rows, pad, multiple)]

@@ -6,18 +6,19 @@ from typing import Any
 
 import numpy as np
 
-from sftune.config import SFTConfig
+from sftune.config import SFTConfig, data_seed_of
 
 GROUP_SPAN = 50  # group_by_length sorts within windows of this many micro-batches (as transformers does)
 
 
 def epoch_order(rows: list[dict[str, Any]], config: SFTConfig, epoch: int) -> np.ndarray:
-    """The row order of one epoch, by train_sampling_strategy: random (shuffled), sequential (the rows as
-    prepared, every epoch alike), or group_by_length: each window of 50 micro-batches of the shuffled order sorted
-    longest first, so every micro-batch holds rows of similar length (less padding)."""
+    """The row order of one epoch, by train_sampling_strategy: random (shuffled, seeded by data_seed, which
+    defaults to seed), sequential (the rows as prepared, every epoch alike), or group_by_length: each window of 50
+    micro-batches of the shuffled order sorted longest first, so every micro-batch holds rows of similar length
+    (less padding)."""
     if config.train_sampling_strategy == "sequential":
         return np.arange(len(rows))
-    order = np.random.default_rng([config.seed, epoch]).permutation(len(rows))
+    order = np.random.default_rng([data_seed_of(config), epoch]).permutation(len(rows))
     if config.train_sampling_strategy != "group_by_length" or config.packing:
         return order
     lengths = np.fromiter((len(rows[i]["input_ids"]) for i in order), dtype=np.int64, count=len(order))

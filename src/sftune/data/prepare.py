@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sftune.config import SFTConfig
+from sftune.config import SFTConfig, data_seed_of, eval_rows_packed
 from sftune.data import doctor
 from sftune.data.doctor_report import log_findings
 from sftune.data.formats import apply_formatting_func, detect_format, is_conversation, normalise, rename_columns
@@ -50,8 +50,8 @@ PARALLEL_MIN_ROWS = 2000  # below this, starting worker processes costs more tha
 EXAMPLES_PER_CHECK = 3
 SETTINGS = (  # every config field that changes the prepared rows
     "dataset_name", "dataset_config", "dataset_train_split", "dataset_text_field", "datasets", "dataset_test_split",
-    "eval_ratio", "test_split_size", "dataset_format", "dataset_columns", "max_length", "truncation_mode", "loss_mask", "packing",
-    "packing_strategy", "seed", "dedupe",
+    "eval_ratio", "test_split_size", "dataset_format", "dataset_columns", "max_length", "truncation_mode", "loss_mask",
+    "packing", "packing_strategy", "seed", "dedupe", "eval_packing", "shuffle_dataset", "data_seed",
 )
 
 
@@ -198,7 +198,8 @@ def refuse_packing(config: SFTConfig, documents: list[dict[str, Documents]], pro
     with its own images: strategies that cut documents (bfd_split, wrapped) would cut images from their tokens.
     And a model whose processor marks image tokens in token_type_ids (Gemma 3's bidirectional attention within an
     image) gets, in transformers 5.24, sliding-window masks that let a packed document see another's image blocks."""
-    if not config.packing or not any(d.images is not None and any(d.images) for s in documents for d in s.values()):
+    packing = config.packing or eval_rows_packed(config)
+    if not packing or not any(d.images is not None and any(d.images) for s in documents for d in s.values()):
         return
     if config.packing_strategy != "bfd":
         raise ConfigError(f"packing_strategy: {config.packing_strategy} cuts documents, but the data has images, "
@@ -257,7 +258,7 @@ class _Source:
 
 def _read_sources(inputs: _Inputs, config: SFTConfig) -> list[_Source]:
     sources = []
-    rng = np.random.default_rng([config.seed, 7])
+    rng = np.random.default_rng([data_seed_of(config), 7])
     for spec, train_split, test_split in zip(inputs.specs, inputs.train, inputs.test):
         rows = train_split.load()
         fmt, examples = _normalised(rows, spec, config, inputs.formatting_func)
@@ -484,7 +485,7 @@ def _nothing_left_message(config: SFTConfig, dropped: dict[str, int], total: int
 
 def _assemble(documents: list[dict[str, Documents]], sources: list[_Source], config: SFTConfig,
               stats: dict[str, Any]) -> tuple[RowStore, RowStore]:
-    rng = np.random.default_rng([config.seed, 11])
+    rng = np.random.default_rng([data_seed_of(config), 11])
     sizes = [len(d["train"]) for d in documents]
     weights, fractions = [s.weight for s in sources], [s.fraction for s in sources]  # None where not given
     if any(f is not None for f in fractions):  # TRL's fractions: each source's first rows, none repeated
@@ -502,9 +503,11 @@ def _assemble(documents: list[dict[str, Documents]], sources: list[_Source], con
     for source_stats, count in zip(stats["sources"], counts):
         source_stats["mixed_documents"] = count
 
+    if config.shuffle_dataset and len(train):  # TRL's shuffle before packing; its own stream leaves rng as it was
+        train = train.take(np.random.default_rng([data_seed_of(config), 13]).permutation(len(train)))
     stores = []
-    for docs in (train, evaluation):
-        if config.packing and len(docs):
+    for docs, packed in ((train, config.packing), (evaluation, eval_rows_packed(config))):
+        if packed and len(docs):
             docs = docs.take(rng.permutation(len(docs)))  # so rows mix sources, and wrapped rows mix documents
             stores.append(RowStore.from_plan(docs, plan_packing(docs.lengths(), config.max_length,
                                                                 config.packing_strategy)))

@@ -32,29 +32,34 @@ def _with_vision(batch: Batch, image_groups: list[list[Any]], vision: VisionInpu
     return batch
 
 
-def image_pad_batch(rows: list[dict[str, Any]], pad_token_id: int, vision: VisionInputs) -> Batch:
-    """Padded rows with their images (one group of images per row)."""
-    return _with_vision(pad_batch(rows, pad_token_id), [row.get("images") or [] for row in rows], vision)
+def image_pad_batch(rows: list[dict[str, Any]], pad_token_id: int, vision: VisionInputs,
+                    multiple: int | None = None) -> Batch:
+    """Padded rows with their images (one group of images per row); `multiple`: pad_to_multiple_of."""
+    return _with_vision(pad_batch(rows, pad_token_id, multiple), [row.get("images") or [] for row in rows], vision)
 
 
-def image_position_batch(rows: list[dict[str, Any]], pad_token_id: int, join: bool, vision: VisionInputs) -> Batch:
+def image_position_batch(rows: list[dict[str, Any]], pad_token_id: int, join: bool, vision: VisionInputs,
+                         multiple: int | None = None) -> Batch:
     """Rows laid out by position_ids (`join`: the batch as one row), each document with its own images."""
     groups = [row.get("images") or [] for row in rows]
     if join:
         groups = [[ref for group in groups for ref in group]]
-    return _with_vision(position_batch(rows, pad_token_id, join=join), groups, vision)
+    return _with_vision(position_batch(rows, pad_token_id, join=join, multiple=multiple), groups, vision)
 
 
-def image_row_batches(rows: list[dict[str, Any]], pad_token_id: int, vision: VisionInputs) -> list[Batch]:
-    """One batch per row, nothing padded, run one after another as parts of one micro-batch."""
-    return [image_position_batch([row], pad_token_id, join=True, vision=vision) for row in rows]
+def image_row_batches(rows: list[dict[str, Any]], pad_token_id: int, vision: VisionInputs,
+                      multiple: int | None = None) -> list[Batch]:
+    """One batch per row, nothing padded (but up to `multiple`), run one after another as parts of one
+    micro-batch."""
+    return [image_position_batch([row], pad_token_id, join=True, vision=vision, multiple=multiple) for row in rows]
 
 
-def vision_collator(vision: VisionInputs, pad_token_id: int, layout: Layout) -> Callable[[Rows], list[Batch]]:
+def vision_collator(vision: VisionInputs, pad_token_id: int, layout: Layout,
+                    multiple: int | None = None) -> Callable[[Rows], list[Batch]]:
     """The batching plan's layout for a vision-language model's rows, as collate.make_collator does for text."""
     if layout == "rows":
-        return lambda rows: image_row_batches(rows, pad_token_id, vision)
+        return lambda rows: image_row_batches(rows, pad_token_id, vision, multiple)
     if layout in ("packed", "joined"):
         join = layout == "joined"
-        return lambda rows: [image_position_batch(rows, pad_token_id, join, vision)]
-    return lambda rows: [image_pad_batch(rows, pad_token_id, vision)]
+        return lambda rows: [image_position_batch(rows, pad_token_id, join, vision, multiple)]
+    return lambda rows: [image_pad_batch(rows, pad_token_id, vision, multiple)]

@@ -426,6 +426,7 @@ def _results_section(metrics: list[dict[str, Any]]) -> str:
         for key in sorted(k for k in last if k.startswith("eval_")):
             lines.append(f"| {key} (step {first['step']} / {last['step']}) | {_number(first.get(key))} | "
                          f"{_number(last[key])} |")
+    lines += _best_model_lines(metrics)
     if train:
         last = train[-1]
         extra = [f"{last['num_tokens']:,} tokens trained" if "num_tokens" in last else None,
@@ -434,6 +435,20 @@ def _results_section(metrics: list[dict[str, Any]]) -> str:
                  f"peak memory {last['peak_memory_mb']:,.0f} MB" if "peak_memory_mb" in last else None]
         lines.append("\n" + "; ".join(e for e in extra if e) + ". Every logged value is in `metrics.jsonl`.")
     return "\n".join(lines) + "\n"
+
+
+def _best_model_lines(metrics: list[dict[str, Any]]) -> list[str]:
+    """Which model was saved when load_best_model_at_end chose it (training/best_model.py writes the line)."""
+    chosen = [m for m in metrics if "best_model_step" in m]
+    if not chosen:
+        return []
+    line = chosen[-1]
+    step, key, value = line["best_model_step"], line["best_metric"], _number(line["best_metric_value"])
+    if step == line["step"]:
+        return [f"\nThe saved model is the final one (step {step}), also the best by {key} ({value}); "
+                "load_best_model_at_end was on."]
+    return [f"\nThe saved model is the best checkpoint by {key}: **step {step}** ({key} {value}), loaded at the "
+            f"end (load_best_model_at_end); training ran to step {line['step']}."]
 
 
 def _number(value: Any) -> str:

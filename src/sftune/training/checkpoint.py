@@ -51,10 +51,26 @@ def resolve_resume_path(output_dir: Path, resume: bool | str | None) -> Path | N
         return None
     if resume is True:
         found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
+        return refuse_model_only(found[-1][1]) if found else None
     path = Path(resume).expanduser()
     if not (path / STATE_FILE).is_file():
         raise UserError(f"resume_from_checkpoint '{resume}' is not a checkpoint folder (no {STATE_FILE} in it)")
+    return refuse_model_only(path)
+
+
+def is_model_only(path: Path) -> bool:
+    """A checkpoint written with save_only_model: weights, tokenizer and config, no training state."""
+    try:
+        return bool(json.loads((path / STATE_FILE).read_text()).get("model_only"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def refuse_model_only(path: Path) -> Path:
+    if is_model_only(path):
+        raise UserError(f"checkpoint '{path}' was saved with save_only_model: true, so it holds no optimizer, "
+                        "schedule or random-generator state and training cannot continue from it: start a new run "
+                        f"from its weights (model_name_or_path: {path}), or resume from a full checkpoint")
     return path
 
 
@@ -110,12 +126,13 @@ def prepare_stage(stage: Path) -> None:
 
 
 def publish_checkpoint(
-    stage: Path, step: int, save_model_files: Any, optimizer: Any | None, scheduler: Any,
-    rng_states: list[dict[str, Any]], trainer_state: dict[str, Any], config_path: Path,
+    stage: Path, step: int, save_model_files: Any, optimizer: Any | None, scheduler: Any | None,
+    rng_states: list[dict[str, Any]] | None, trainer_state: dict[str, Any], config_path: Path,
 ) -> Path:
     """Write the rest of checkpoint-<step> into `stage` and rename it into place (main process only).
 
-    `save_model_files(folder)` writes the model; `optimizer` is None when its shards were saved by every process.
+    `save_model_files(folder)` writes the model; `optimizer` is None when its shards were saved by every process,
+    or (with scheduler and rng_states) when the checkpoint holds only the model (save_only_model).
     """
     import torch
 
@@ -124,8 +141,10 @@ def publish_checkpoint(
         save_model_files(stage)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), stage / "optimizer.pt")
-        torch.save(scheduler.state_dict(), stage / "scheduler.pt")
-        torch.save({"processes": rng_states}, stage / "rng_state.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), stage / "scheduler.pt")
+        if rng_states is not None:
+            torch.save({"processes": rng_states}, stage / "rng_state.pt")
         shutil.copyfile(config_path, stage / config_path.name)
         (stage / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
         _fsync_tree(stage)
@@ -201,9 +220,10 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
         )
 
 
-def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
-    """Delete the oldest checkpoints beyond `keep`."""
+def prune_checkpoints(output_dir: Path, keep: int | None, protected_step: int | None = None) -> None:
+    """Delete the oldest checkpoints beyond `keep`; checkpoint-<protected_step> (the best one) is always kept."""
     if keep is None:
         return
-    for _, path in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    for step, path in list_checkpoints(output_dir)[:-keep]:
+        if step != protected_step:
+            shutil.rmtree(path, ignore_errors=True)

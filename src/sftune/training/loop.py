@@ -23,16 +23,19 @@ import torch
 
 from sftune.batching import BatchingPlan
 from sftune.config import CONFIG_FILENAME, SFTConfig
+from sftune.config.evaluation import best_model_problems
 from sftune.config.fields import steps_of
 from sftune.data.order import epoch_order
 from sftune.data.render import IGNORE_INDEX
-from sftune.errors import TrainingError, TrainingInterrupted, UserError, write_failure_reason
+from sftune.errors import ConfigError, TrainingError, TrainingInterrupted, UserError, write_failure_reason
 from sftune.export.save import save_model
 from sftune.generation import greedy_answer
 from sftune.training import checkpoint, sharded
+from sftune.training.best_model import BestModelTracker, tracks_best
 from sftune.training.interrupt import StopSignals
 from sftune.training.loss import CausalLMWithLoss
 from sftune.training.metrics import TokenTotals, eval_metrics, train_metrics
+from sftune.training.neftune import NEFTune, input_embedding
 from sftune.training.optim import build_optimizer, build_scheduler
 from sftune.training.report import Reporter, peak_memory_mb
 from sftune.training.vision import drop_blank_gradients
@@ -46,9 +49,11 @@ Batch = dict[str, torch.Tensor]
 class Trainer:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, train_rows: Rows, eval_rows: Rows,
                  source_names: list[str], config: SFTConfig, accelerator: Any, output_dir: Path,
-                 plan: BatchingPlan, collate: Callable[[Rows], list[Batch]], processor: Any = None):
+                 plan: BatchingPlan, collate: Callable[[Rows], list[Batch]], processor: Any = None,
+                 eval_collate: Callable[[Rows], list[Batch]] | None = None):
         self.config, self.accelerator, self.output_dir = config, accelerator, output_dir
         self.plan, self.tokenizer, self.collate = plan, tokenizer, collate
+        self.eval_collate = eval_collate or collate  # eval rows may be packed where training rows are not
         self.saved_with_model = processor or tokenizer  # a vision-language model's processor holds its tokenizer
         self.train_rows, self.eval_rows, self.source_names = train_rows, eval_rows, source_names
         self.world_size = accelerator.num_processes
@@ -63,8 +68,10 @@ class Trainer:
         self.logging_every = steps_of(config.logging_steps, self.total_steps)
         self.eval_every = steps_of(config.eval_steps or config.logging_steps, self.total_steps)
         self.save_every = steps_of(config.save_steps, self.total_steps)
+        for problem in best_model_problems(config, self.eval_every, self.save_every)[:1]:  # ratios, now as steps
+            raise ConfigError(problem)
 
-        loss_model = CausalLMWithLoss(model, config.loss_type, config.loss_chunk_size)
+        loss_model = CausalLMWithLoss(model, config.loss_type, config.loss_chunk_size, config.label_smoothing_factor)
         loss_model.train()
         if processor is not None and self.world_size > 1 and not sharded.is_sharded(accelerator):
             # vision (issue 14): under DDP, processes whose micro-batch has no images keep in step
@@ -80,6 +87,9 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, config, self.total_steps)
         sharded.configure_deepspeed(accelerator, plan, config.max_grad_norm)
         self.loss_model, self.optimizer = accelerator.prepare(loss_model, optimizer)
+        # NEFTune noise only around the training micro-batches (training/neftune.py)
+        self.training_noise = nullcontext() if not config.neftune_noise_alpha else NEFTune(
+            input_embedding(accelerator.unwrap_model(self.loss_model).causal_lm), config.neftune_noise_alpha)
 
         self.step = 0
         self.num_tokens = 0  # trained tokens so far, all processes
@@ -87,8 +97,19 @@ class Trainer:
         self.totals = TokenTotals(source_names, config.loss_type == "dft", accelerator.device)
         self.interval_seconds = 0.0
         self.last_eval_step = -1
+        self.last_logged_step = -1
         self.signals: StopSignals | None = None  # while fit runs
         self.rng_at_step_start: list[dict[str, Any]] | None = None  # what a checkpoint of the last step holds
+        # load_best_model_at_end and early stopping (training/best_model.py)
+        self.best = BestModelTracker(config) if tracks_best(config) else None
+        if self.best is not None:
+            self.best.check_sources(source_names)
+            if not config.load_best_model_at_end:
+                log.info("early stopping without load_best_model_at_end: the saved model is the last one, not the best")
+        if self.best is not None and config.load_best_model_at_end and config.save_only_model \
+                and sharded.is_sharded(accelerator):
+            raise UserError("load_best_model_at_end under FSDP/DeepSpeed reloads the best checkpoint's shards, which "
+                            "save_only_model: true leaves out: set save_only_model: false")
 
     @property
     def model(self) -> torch.nn.Module:
@@ -103,6 +124,8 @@ class Trainer:
         history: list[dict[str, Any]] = []
         try:
             with StopSignals(self.output_dir, self._last_checkpoint_text) as self.signals:
+                if self.config.eval_on_start and self.step == 0 and self.eval_rows:
+                    history.append(self.evaluate())  # the model as loaded, before any update
                 while self.step < self.total_steps:
                     epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
                     learning_rate = self.scheduler.get_last_lr()[0]
@@ -121,17 +144,27 @@ class Trainer:
 
                     epoch_done = self.step % self.steps_per_epoch == 0
                     last = self.step == self.total_steps
-                    if self.step % self.logging_every == 0 or last:
+                    first_logged = self.step == 1 and self.config.logging_first_step
+                    if self.step % self.logging_every == 0 or last or first_logged:
                         history.append(self._log(learning_rate, grad_norm))
                     if self._due(self.config.eval_strategy, self.eval_every, epoch_done) and self.eval_rows:
-                        history.append(self.evaluate())
+                        history.append(self._evaluate_and_track())
                     if self._due(self.config.save_strategy, self.save_every, epoch_done):
                         self.save_checkpoint()
                     if self._stop_requested():
                         path = self._checkpoint_of_last_step()
                         raise TrainingInterrupted(self.step, str(path), self.signals.signal_number or signal.SIGINT)
+                    if self.best is not None and self.best.should_stop():
+                        log.info("early stopping at step %d: %s has not improved for %d evaluations (best %g at "
+                                 "step %d)", self.step, self.best.key, self.best.patience, self.best.state.best_value,
+                                 self.best.state.best_step)
+                        if self.last_logged_step != self.step:  # the last interval's line, as at the last step
+                            history.append(self._log(learning_rate, grad_norm))
+                        break
                 if self.config.eval_strategy != "no" and self.eval_rows and self.last_eval_step != self.step:
-                    history.append(self.evaluate())  # the final model is always evaluated
+                    history.append(self._evaluate_and_track())  # the final model is always evaluated
+                if self.best is not None and self.config.load_best_model_at_end:
+                    history.append(self._end_with_best_model())
         finally:
             self.signals = None
             self.reporter.close()
@@ -151,7 +184,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             sources = batch.pop("source_ids", None)
             last = i == len(micro_batches) - 1
-            with nullcontext() if last else accelerator.no_sync(self.loss_model):
+            with nullcontext() if last else accelerator.no_sync(self.loss_model), self.training_noise:
                 out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
                 sharded.backward(accelerator, out["loss_sum"] * scale, last)
             step_totals.add(out["token_stats"], _trained(sources, batch["targets"]))
@@ -219,6 +252,7 @@ class Trainer:
         if self.skipped_steps:
             metrics["skipped_steps"] = self.skipped_steps
         self.reporter.log(metrics)
+        self.last_logged_step = self.step
         self.totals.reset()
         self.interval_seconds = 0.0
         return metrics
@@ -238,7 +272,7 @@ class Trainer:
             for i in range(math.ceil(len(self.eval_rows) / (size * self.world_size))):
                 start = (i * self.world_size + accelerator.process_index) * size
                 rows = self.eval_rows[start:start + size] or [_without_targets(self.eval_rows[0])]
-                for batch in self.collate(rows):
+                for batch in self.eval_collate(rows):
                     sources = batch.pop("source_ids", None)
                     out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
                     totals.add(out["token_stats"], _trained(sources, batch["targets"]))
@@ -252,10 +286,41 @@ class Trainer:
         self.last_eval_step = self.step
         return metrics
 
-    def save_checkpoint(self, rng_states: list[dict[str, Any]] | None = None) -> Path:
+    def _evaluate_and_track(self) -> dict[str, Any]:
+        metrics = self.evaluate()
+        if self.best is not None:
+            self.best.evaluated(self.step, metrics)
+        return metrics
+
+    def _end_with_best_model(self) -> dict[str, Any]:
+        """The best kept model becomes the final one: its checkpoint's weights are loaded (every process)."""
+        self.best.kept(self.step)  # the final model, evaluated just now, is a candidate too
+        best_step = self.best.state.candidate_step
+        if best_step is None:  # no evaluation ran (no eval rows): the final model stays
+            log.warning("load_best_model_at_end: no evaluation ran, so the saved model is the last one")
+            return self.best.summary(self.step)
+        if best_step is not None and best_step != self.step:
+            path = self.output_dir / f"{checkpoint.PREFIX}{best_step}"
+            if not (path / checkpoint.STATE_FILE).is_file():
+                raise TrainingError(f"load_best_model_at_end: the best checkpoint {path} is gone; the final model "
+                                    f"is in {self.output_dir / checkpoint.PREFIX}{self.step} if it was saved")
+            if sharded.is_sharded(self.accelerator):
+                sharded.load_shards(self.accelerator, path)
+            else:
+                checkpoint.load_model_weights(self.model, path)
+            self.accelerator.wait_for_everyone()
+        log.info("load_best_model_at_end: the saved model is step %s's (%s = %g; the last step was %d)",
+                 best_step, self.best.key, self.best.state.candidate_value, self.step)
+        summary = self.best.summary(self.step)
+        self.reporter.log(summary)
+        return summary
+
+    def save_checkpoint(self, rng_states: list[dict[str, Any]] | None = None, model_only: bool | None = None) -> Path:
         """checkpoint-<step>: every process takes part (random generators, sharded weights and optimizer).
 
-        `rng_states` replaces the generators' current states (a stop within a step saves those at its start)."""
+        `rng_states` replaces the generators' current states (a stop within a step saves those at its start).
+        `model_only` (unset: save_only_model) leaves the optimizer, schedule and generators out."""
+        model_only = self.config.save_only_model if model_only is None else model_only
         from accelerate.utils import gather_object
 
         accelerator = self.accelerator
@@ -265,19 +330,26 @@ class Trainer:
         accelerator.wait_for_everyone()
         rng_states = rng_states or gather_object([checkpoint.rng_state()])
         state_dict = sharded.full_state_dict(accelerator, self.loss_model)
-        if sharded.is_sharded(accelerator):
+        if sharded.is_sharded(accelerator) and not model_only:
             sharded.save_shards(accelerator, stage)
         path = self.output_dir / f"{checkpoint.PREFIX}{self.step}"
+        if self.best is not None:
+            self.best.kept(self.step)
         if accelerator.is_main_process:
             state = {"global_step": self.step, "num_tokens": self.num_tokens, "total_steps": self.total_steps,
                      "rows_per_step": self.plan.rows_per_step, "world_size": self.world_size,
                      "skipped_steps": self.skipped_steps}
+            if self.best is not None:
+                state["best_model"] = self.best.to_dict()
+            if model_only:
+                state["model_only"] = True
             path = checkpoint.publish_checkpoint(
                 stage, self.step, lambda folder: save_model(self.model, self.saved_with_model, folder, state_dict),
-                None if sharded.is_sharded(accelerator) else self.optimizer, self.scheduler, rng_states, state,
+                None if sharded.is_sharded(accelerator) or model_only else self.optimizer,
+                None if model_only else self.scheduler, None if model_only else rng_states, state,
                 self.output_dir / CONFIG_FILENAME,
             )
-            checkpoint.prune_checkpoints(self.output_dir, self.config.save_total_limit)
+            checkpoint.prune_checkpoints(self.output_dir, self.config.save_total_limit, self._protected_checkpoint())
             log.info("saved checkpoint %s", path)
         accelerator.wait_for_everyone()
         return path
@@ -296,6 +368,8 @@ class Trainer:
         trainer = state["trainer"]
         self.step, self.num_tokens = trainer["global_step"], trainer["num_tokens"]
         self.skipped_steps = trainer.get("skipped_steps", 0)
+        if self.best is not None:
+            self.best.restore(trainer.get("best_model"))
         if trainer.get("rows_per_step") != self.plan.rows_per_step:
             log.warning("resuming with %d rows per step where the run had %s: the data order will differ from "
                         "an uninterrupted run", self.plan.rows_per_step, trainer.get("rows_per_step"))
@@ -339,7 +413,13 @@ class Trainer:
     def _checkpoint_of_last_step(self, rng_states: list[dict[str, Any]] | None = None) -> Path:
         """checkpoint-<step>, saved now unless this step's checkpoint is already there."""
         saved = dict(checkpoint.list_checkpoints(self.output_dir))
-        return saved[self.step] if self.step in saved else self.save_checkpoint(rng_states)
+        if self.step in saved and not checkpoint.is_model_only(saved[self.step]):
+            return saved[self.step]
+        return self.save_checkpoint(rng_states, model_only=False)  # a stop writes one that resumes
+
+    def _protected_checkpoint(self) -> int | None:
+        """The best checkpoint survives save_total_limit while load_best_model_at_end may still need it."""
+        return self.best.state.candidate_step if self.best is not None and self.config.load_best_model_at_end else None
 
     def _last_checkpoint_text(self) -> str:
         saved = checkpoint.list_checkpoints(self.output_dir)

@@ -31,6 +31,8 @@ class TokenStats:
     nll: torch.Tensor  # negative log-likelihood of the target
     correct: torch.Tensor  # argmax equals target
     entropy: torch.Tensor  # entropy of the predicted distribution
+    # the minimised per-token loss where it is not the nll or DFT's weighted nll (label smoothing); else None
+    objective: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,12 @@ def default_chunk_tokens(vocab_size: int) -> int:
     return max(64, CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
-def _chunk_forward(logits: torch.Tensor, targets: torch.Tensor, dft: bool):
-    """From one chunk's fp32 logits: (objective sum, nll, correct, entropy, softmax, per-token loss weights).
+def _chunk_forward(logits: torch.Tensor, targets: torch.Tensor, dft: bool, smoothing: float = 0.0):
+    """From one chunk's fp32 logits: (objective sum, nll, correct, entropy, softmax, per-token loss weights,
+    per-token smoothed loss or None).
 
-    The softmax is computed once and serves the entropy and the gradient alike.
+    The softmax is computed once and serves the entropy and the gradient alike. Label smoothing `eps` is
+    F.cross_entropy's: (1 - eps) * nll + eps * mean over the vocabulary of -log p.
     """
     log_norm = torch.logsumexp(logits, dim=-1)
     nll = log_norm - logits.gather(1, targets[:, None]).squeeze(1)
@@ -73,15 +77,20 @@ def _chunk_forward(logits: torch.Tensor, targets: torch.Tensor, dft: bool):
     entropy = log_norm - torch.bmm(probs[:, None, :], logits[:, :, None]).view(-1)
     # DFT (dynamic fine-tuning): each token's loss is weighted by its own detached probability.
     weights = torch.exp(-nll) if dft else None
-    objective = (weights * nll).sum() if dft else nll.sum()
-    return objective, nll, correct, entropy, probs, weights
+    smoothed = None
+    if smoothing:
+        smoothed = (1.0 - smoothing) * nll + smoothing * (log_norm - logits.mean(dim=-1))
+        objective = smoothed.sum()
+    else:
+        objective = (weights * nll).sum() if dft else nll.sum()
+    return objective, nll, correct, entropy, probs, weights, smoothed
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum of per-token losses of `transform(hidden @ weight.T + bias)`, gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, transform, dft, chunk_tokens):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, transform, dft, smoothing, chunk_tokens):  # type: ignore[override]
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
@@ -91,12 +100,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_tokens):
             chunk, chunk_targets = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
             logits = transform(F.linear(chunk, weight, bias).float())
-            objective, nll, correct, entropy, probs, weights = _chunk_forward(logits, chunk_targets, dft)
+            objective, nll, correct, entropy, probs, weights, smoothed = _chunk_forward(
+                logits, chunk_targets, dft, smoothing)
             total += objective
-            stats.append((nll, correct, entropy))
-            # d(nll)/d(logits) = softmax - onehot; DFT scales each row by its detached weight
+            stats.append((nll, correct, entropy, smoothed if smoothed is not None else nll[:0]))
+            # d(nll)/d(logits) = softmax - onehot; DFT scales each row by its detached weight. With label
+            # smoothing eps the target is (1 - eps) * onehot + eps / vocab, so that is what is subtracted.
             grad_logits = probs
-            grad_logits[torch.arange(len(chunk_targets), device=probs.device), chunk_targets] -= 1
+            grad_logits[torch.arange(len(chunk_targets), device=probs.device), chunk_targets] -= 1.0 - smoothing
+            if smoothing:
+                grad_logits -= smoothing / logits.shape[-1]
             if weights is not None:
                 grad_logits.mul_(weights[:, None])
             transform.scale_gradient_(grad_logits, logits)
@@ -110,9 +123,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
         ctx.needs = (need_hidden, need_weight, need_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        nll, correct, entropy = (torch.cat(parts) for parts in zip(*stats))
-        ctx.mark_non_differentiable(nll, correct, entropy)
-        return total, nll, correct, entropy
+        nll, correct, entropy, smoothed = (torch.cat(parts) for parts in zip(*stats))
+        ctx.mark_non_differentiable(nll, correct, entropy, smoothed)
+        return total, nll, correct, entropy, smoothed
 
     @staticmethod
     def backward(ctx, grad_total, *_unused):  # type: ignore[override]
@@ -126,14 +139,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = (next(saved) * grad_total).to(ctx.dtypes[0])
         if need_bias:
             grad_bias = (next(saved) * grad_total).to(ctx.dtypes[1])
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def chunked_lm_loss(
     hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
     transform: LogitTransform = LogitTransform(), dft: bool = False, chunk_tokens: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, TokenStats]:
-    """Loss sum over the rows of `hidden` ([N, H], trained positions only) through `head`, and per-token stats."""
+    """Loss sum over the rows of `hidden` ([N, H], trained positions only) through `head`, and per-token stats.
+
+    `label_smoothing` is F.cross_entropy's (values and gradients); it does not combine with DFT."""
+    if label_smoothing and dft:
+        raise ValueError("label smoothing does not combine with the DFT loss")
     weight = head.weight
     chunk_tokens = chunk_tokens or default_chunk_tokens(weight.shape[0])
     if hidden.shape[0] == 0:  # nothing to train in this micro-batch: a zero that still joins the graph
@@ -142,16 +160,17 @@ def chunked_lm_loss(
         return zero, TokenStats(empty, empty.bool(), empty)
     grad_wanted = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, *head.parameters()))
     if grad_wanted and type(head) is nn.Linear:
-        total, nll, correct, entropy = _ChunkedLinearCrossEntropy.apply(
-            hidden, weight, head.bias, targets, transform, dft, chunk_tokens
+        total, nll, correct, entropy, smoothed = _ChunkedLinearCrossEntropy.apply(
+            hidden, weight, head.bias, targets, transform, dft, label_smoothing, chunk_tokens
         )
-        return total, TokenStats(nll, correct, entropy)
+        return total, TokenStats(nll, correct, entropy, smoothed if label_smoothing else None)
 
     def one_chunk(chunk: torch.Tensor, chunk_targets: torch.Tensor):
         # A head that is not a plain Linear (an adapter or a quantized layer) is called as a module.
         logits = transform(head(chunk).float())
-        objective, nll, correct, entropy, _, _ = _chunk_forward(logits, chunk_targets, dft)
-        return objective, nll.detach(), correct, entropy.detach()
+        objective, nll, correct, entropy, _, _, smoothed = _chunk_forward(logits, chunk_targets, dft, label_smoothing)
+        smoothed = smoothed.detach() if smoothed is not None else nll[:0].detach()
+        return objective, nll.detach(), correct, entropy.detach(), smoothed
 
     parts = []
     for start in range(0, hidden.shape[0], chunk_tokens):
@@ -159,7 +178,8 @@ def chunked_lm_loss(
         # Without the fused path, memory stays bounded by recomputing each chunk's logits in backward.
         parts.append(checkpoint(one_chunk, *args, use_reentrant=False) if grad_wanted else one_chunk(*args))
     total = torch.stack([p[0] for p in parts]).sum()
-    return total, TokenStats(*(torch.cat([p[k] for p in parts]) for k in (1, 2, 3)))
+    nll, correct, entropy, smoothed = (torch.cat([p[k] for p in parts]) for k in (1, 2, 3, 4))
+    return total, TokenStats(nll, correct, entropy, smoothed if label_smoothing else None)
 
 
 def logit_transform(model: nn.Module) -> LogitTransform:
@@ -181,10 +201,14 @@ class CausalLMWithLoss(nn.Module):
     reached through this forward, so gradient synchronisation sees them all.
     """
 
-    def __init__(self, model: nn.Module, loss_type: str = "nll", chunk_tokens: int | None = None):
+    def __init__(self, model: nn.Module, loss_type: str = "nll", chunk_tokens: int | None = None,
+                 label_smoothing: float = 0.0):
         super().__init__()
         self.model = model  # a transformers model, or a peft model wrapping one
         self.dft = loss_type == "dft"
+        # Training only: in eval mode the loss is plain cross-entropy, so eval_loss (and perplexity) stay
+        # comparable between runs with and without smoothing.
+        self.label_smoothing = label_smoothing
         self.chunk_tokens = chunk_tokens
         self.transform = logit_transform(model)
         # FSDP's auto-wrap policy reads the layer classes that must not be split from the root module
@@ -210,7 +234,7 @@ class CausalLMWithLoss(nn.Module):
         selected = targets != IGNORE_INDEX
         loss_sum, stats = chunked_lm_loss(
             hidden[selected], causal_lm.get_output_embeddings(), targets[selected], self.transform, self.dft,
-            self.chunk_tokens,
+            self.chunk_tokens, self.label_smoothing if self.training else 0.0,
         )
         if self.blank_images is not None and self.blank_images.needed(model_inputs):
             backbone = getattr(causal_lm, causal_lm.base_model_prefix)

@@ -22,7 +22,10 @@ class TokenTotals:
 
     def add(self, stats: TokenStats, token_sources: torch.Tensor | None = None) -> None:
         nll = stats.nll.double()
-        objective = torch.exp(-nll) * nll if self.dft else nll
+        if stats.objective is not None:  # label smoothing: the smoothed loss is what training minimises
+            objective = stats.objective.double()
+        else:
+            objective = torch.exp(-nll) * nll if self.dft else nll
         columns = torch.stack([torch.ones_like(nll), objective, nll, stats.correct.double(), stats.entropy.double()], 1)
         if token_sources is None:
             token_sources = torch.zeros(len(nll), dtype=torch.long, device=nll.device)
