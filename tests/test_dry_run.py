@@ -53,13 +53,15 @@ def test_dry_run_leaves_an_existing_output_dir_as_it_was(tiny_model_dir, tmp_pat
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(16))
     out = tmp_path / "run"
     out.mkdir()
+    (out / "sftune_config.yaml").write_text("max_steps: 1\n")  # an earlier, finished run's folder
+    (out / "model.safetensors").write_text("weights")
     (out / "notes.txt").write_text("mine")
     args = ["train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir",
             str(out), "--dry_run"]
     before = snapshot(out)
     assert main(args) == 2  # another run's files: refused, as training would
     assert "already holds files" in capsys.readouterr().err
-    assert main(args + ["--overwrite_output_dir"]) == 0
+    assert main(args + ["--overwrite_output_dir"]) == 0  # training would replace it; the dry run leaves it
     assert snapshot(out) == before and (out / "notes.txt").read_text() == "mine"
 
 

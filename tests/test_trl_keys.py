@@ -56,7 +56,7 @@ EXAMPLES: dict[str, tuple] = {
     "save_strategy": ("epoch",), "save_steps": (0.5,), "save_on_each_node": (True,), "save_total_limit": (2,),
     "enable_jit_checkpoint": (True,), "push_to_hub": (True,), "hub_token": ("hf_xxx",), "hub_private_repo": (True,),
     "hub_model_id": ("me/model",), "hub_strategy": ("checkpoint",), "hub_always_push": (True,),
-    "hub_revision": ("dev",), "load_best_model_at_end": (True,), "metric_for_best_model": ("eval_loss",),
+    "hub_revision": ("dev",), "load_best_model_at_end": (True, {"eval_strategy": "steps", "eval_ratio": 0.1}), "metric_for_best_model": ("eval_loss",),
     "greater_is_better": (False,), "ignore_data_skip": (True,), "restore_callback_states_from_checkpoint": (True,),
     "full_determinism": (True,), "seed": (7,), "data_seed": (3,), "use_cpu": (True,),
     "accelerator_config": ({"split_batches": True},), "parallelism_config": ({"cp_size": 2},),
@@ -170,6 +170,8 @@ def test_defaults_differ_from_trl_only_where_the_table_says():
         "learning_rate": None,  # unset resolves to TRL's 2e-5 (2e-4 with use_peft, logged and in --help)
         "lr_scheduler_kwargs": {}, "report_to": ["none"], "datasets": None,
         "padding_free": None,  # unset: chosen per machine; the batching plan's log line says so
+        "pad_to_multiple_of": None,  # TRL's "auto" pads only on AWS Neuron
+        "metric_for_best_model": "eval_loss",  # TRL's None: the loss
     }
     for key in TRL_KEYS:
         if effective_status(key, FIELDS) != FIELD or key.name in DEFAULTS_UNLIKE_TRL:

@@ -241,7 +241,7 @@ def test_a_resumed_run_keeps_choosing_among_all_checkpoints(tiny_model_dir, chat
     out = tmp_path / "run"
     train(best_config(tiny_model_dir, chat_jsonl, out, greater_is_better=True, max_steps=2))
     resumed = train(best_config(tiny_model_dir, chat_jsonl, out, greater_is_better=True, max_steps=4,
-                                resume_from_checkpoint=True))
+                                resume_from_checkpoint=True, resume_allow_changes=True))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {h["step"]: h["eval_loss"] for h in lines if "eval_loss" in h}
     assert sorted(losses) == [1, 2, 3, 4]

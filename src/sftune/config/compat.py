@@ -29,6 +29,19 @@ def _group_by_length(value: Any) -> str:
     return "group_by_length" if coerce("group_by_length", value, bool) else "random"
 
 
+def _auto_padding(value: Any) -> Any:
+    # TRL's "auto" pads to a multiple of 128 on AWS Neuron only, and not at all elsewhere: sftune runs elsewhere
+    return None if isinstance(value, str) and value.strip().lower() == "auto" else value
+
+
+# TRL spellings of a field's value that mean one of sftune's values; converted before the field's type is checked.
+TRL_FIELD_VALUES: dict[str, Callable[[Any], Any]] = {
+    "pad_to_multiple_of": _auto_padding,
+    # transformers: unset means the loss
+    "metric_for_best_model": lambda value: "eval_loss" if value is None else value,
+}
+
+
 @dataclass(frozen=True)
 class Alias:
     target: str

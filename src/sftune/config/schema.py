@@ -14,7 +14,7 @@ from typing import Any
 
 from sftune.config.adapters import AdapterSettings
 from sftune.config.checkpoints import CheckpointSettings
-from sftune.config.compat import ALIASES, LAUNCH_KEYS, NOT_SUPPORTED, check_launch_value
+from sftune.config.compat import ALIASES, LAUNCH_KEYS, NOT_SUPPORTED, TRL_FIELD_VALUES, check_launch_value
 from sftune.config.trl import TRL_KEY, accepts_as_no_op, refusal
 from sftune.config.data import DataSettings, loss_mask_of_flags
 from sftune.config.evaluation import EvaluationSettings
@@ -142,7 +142,7 @@ def resolve_keys(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     for key, value in values.items():
         key, name = str(key), str(key)
         if key in fields:
-            pass
+            value = TRL_FIELD_VALUES[key](value) if key in TRL_FIELD_VALUES else value
         elif key in ALIASES:
             alias = ALIASES[key]
             name = alias.target
