@@ -116,6 +116,18 @@ MUTANTS = (
         "if True:",
         ("tests/test_trl_training.py::test_best_checkpoint_becomes_the_saved_model",),
     ),
+    Mutant(
+        "step_ratio_rounding", "a float eval/save/logging/warm-up step setting rounds down instead of up (transformers)",
+        "config/fields.py", "return max(1, math.ceil(round(value * total_steps, 6)))",
+        "return max(1, int(value * total_steps))",
+        ("tests/test_trl_behaviours.py::test_float_logging_eval_save_and_warmup_steps_are_ratios_of_the_run",),
+    ),
+    Mutant(
+        "dry_run_forgets_hold_out", "--dry_run counts the held-out eval rows as training rows",
+        "data/prepare.py", "sizes.update(train=[len(s.train) for s in sources]",
+        "sizes.update(train=[len(s.rows.rows) for s in sources]",
+        ("tests/test_dry_run.py::test_dry_run_steps_match_the_run",),
+    ),
 )
 
 

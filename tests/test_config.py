@@ -236,14 +236,14 @@ def test_unquoted_no_in_yaml_is_the_choice_no(tmp_path):
 def test_every_bad_key_of_a_file_is_reported_in_one_line(tmp_path):
     path = tmp_path / "trl.yaml"
     path.write_text("fsdp: full_shard\nlora_task_type: SEQ_CLS\ngpu_count: true\nlearnig_rate: 1.0e-4\n"
-                    "bf16: true\nmax_seq_length: 64\nmax_length: 64\ndo_train: true\n")
+                    "hub_revision: dev\nmax_seq_length: 64\nmax_length: 64\ndo_train: true\n")
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{path}: 6 problems: ")
     for part in ("key 'fsdp' = 'full_shard' is not supported: FSDP", "key 'lora_task_type' = 'SEQ_CLS' is not "
                  "supported: sftune trains causal", "unknown key 'gpu_count'",
-                 "unknown key 'learnig_rate' (did you mean 'learning_rate'?)", "'bf16' = True is not supported yet",
+                 "unknown key 'learnig_rate' (did you mean 'learning_rate'?)", "'hub_revision' = 'dev' is not supported: sftune pushes to the repository's main branch",
                  "key 'max_length' is given twice"):
         assert part in message
     assert "do_train" not in message  # a TRL key that means nothing here is accepted

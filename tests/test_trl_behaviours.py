@@ -204,3 +204,13 @@ def test_saved_config_keeps_ratios_and_new_names(tmp_path):
     assert "warmup_steps: 0.1" in text and "activation_checkpointing: true" in text and "do_train" not in text
     assert json.dumps(load_config(tmp_path / "c.yaml").to_dict(), default=str) == \
         json.dumps(config.to_dict(), default=str)
+
+
+@pytest.mark.parametrize("settings", [{"activation_checkpointing": True}, {"gradient_checkpointing": True}, {}])
+def test_activation_checkpointing_turns_on_recomputation(settings):
+    from conftest import build_model
+    from sftune.model.adapters import prepare_for_training
+
+    model = prepare_for_training(build_model(64), SFTConfig(**settings))
+    recomputing = any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    assert recomputing == bool(settings)

@@ -72,3 +72,16 @@ def test_a_files_launch_keys_start_the_processes_it_asks_for(trl_workspace, monk
     path = str(Path(__file__).parent / "trl_configs" / "clis_sft_num_processes.yaml")
     main(["train", path, "--num_processes", "2", "--accelerate_config", "fsdp2", "--output_dir", "x"])
     assert started[-1][0] == 2 and started[-1][2] == "fsdp2" and "--num_processes" not in started[-1][1]
+
+
+def test_the_env_key_of_trls_example_sets_variables_before_anything_loads(trl_workspace, monkeypatch, capsys):
+    """TRL's example config shows `env: {CUDA_VISIBLE_DEVICES: 0}` (commented out there)."""
+    monkeypatch.setenv("SFTUNE_TEST_VARIABLE", "before")  # restored after the test
+    source = (Path(__file__).parent / "trl_configs" / "example_config.yaml").read_text()
+    path = trl_workspace / "with_env.yaml"
+    path.write_text(source + "env:\n  SFTUNE_TEST_VARIABLE: 0\n")
+    assert main(["train", str(path), "--dry_run"]) == 0
+    assert os.environ["SFTUNE_TEST_VARIABLE"] == "0"
+    path.write_text(source + "env: [CUDA_VISIBLE_DEVICES]\n")
+    assert main(["train", str(path), "--dry_run"]) == 2
+    assert "config key 'env'" in capsys.readouterr().err

@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             set_resume_command(lambda output_dir: resume_command(typed, output_dir))
         if args.command == "train":
             config = cfg.load_config(args.config, overrides)  # a bad config fails here, before any launch
+            os.environ.update(config.launch_settings.get("env", {}))  # before torch loads (CUDA_VISIBLE_DEVICES)
             num_processes, accelerate_config = _launch_settings(args, config)
             if args.dry_run:
                 from sftune.dry_run import dry_run

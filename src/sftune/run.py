@@ -151,6 +151,11 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
         trainer.resume(resume_from)
     log_plan(plan)
     log_compatibility(config, log)  # only now: a run that fails to start does not print it
+    wanted = config.launch_settings.get("num_processes", 1)
+    if wanted != accelerator.num_processes and "SFTUNE_LAUNCHED_ARGV" not in os.environ:
+        log.warning("num_processes: %d in the config, but this run has %d process(es): the config's launch keys "
+                    "take effect through `sftune train CONFIG` (or `accelerate launch`)", wanted,
+                    accelerator.num_processes)
     log.info("training: %d steps (%d per epoch)", trainer.total_steps, trainer.steps_per_epoch)
     competition.report(threads, why_threads, computing_on_cpu=accelerator.device.type == "cpu")
     started = time.perf_counter()

@@ -63,8 +63,9 @@ ALIASES: dict[str, Alias] = {
 
 
 # Keys of TRL's command line (and its YAML files) that go to `accelerate launch`, not to the trainer. `sftune train`
-# takes them the same way: N data-parallel processes, and an accelerate config file or one of TRL's named ones.
-LAUNCH_KEYS = ("num_processes", "accelerate_config")
+# takes them the same way: N data-parallel processes, an accelerate config file or one of TRL's named ones, and
+# `env`, environment variables set before anything loads (TRL's example config shows CUDA_VISIBLE_DEVICES).
+LAUNCH_KEYS = ("num_processes", "accelerate_config", "env")
 TRL_ACCELERATE_CONFIGS = ("single_gpu", "multi_gpu", "zero1", "zero2", "zero3", "fsdp1", "fsdp2")
 
 
@@ -74,6 +75,10 @@ def check_launch_value(key: str, value: Any) -> Any:
 
     from sftune.config.fields import coerce
 
+    if key == "env":
+        if not isinstance(value, dict) or not all(isinstance(v, (str, int, float, bool)) for v in value.values()):
+            raise ConfigError(f"config key 'env' = {value!r}: expected a mapping of variable: value")
+        return {str(name): str(v).lower() if isinstance(v, bool) else str(v) for name, v in value.items()}
     if key == "num_processes":
         number = coerce(key, value, int)
         if number < 1:

@@ -36,8 +36,7 @@ from sftune.data.pack import plan_packing
 from sftune.data.render import CHECKS, IGNORE_INDEX, ExampleTokenizer, Tokenized
 from sftune.data.rows import Documents, RowStore
 from sftune.data.sources import (
-    DatasetSpec, OpenedSplit, SourceRows, dataset_specs, draw_rows, fraction_counts, hold_out, mixture_counts,
-    open_split, source_names,
+    DatasetSpec, OpenedSplit, SourceRows, dataset_specs, hold_out, mixture_rows, open_split, source_names,
 )
 from sftune.errors import ConfigError, DataError
 from sftune.paths import VERSION, cache_dir
@@ -487,17 +486,9 @@ def _assemble(documents: list[dict[str, Documents]], sources: list[_Source], con
               stats: dict[str, Any]) -> tuple[RowStore, RowStore]:
     rng = np.random.default_rng([data_seed_of(config), 11])
     sizes = [len(d["train"]) for d in documents]
-    weights, fractions = [s.weight for s in sources], [s.fraction for s in sources]  # None where not given
-    if any(f is not None for f in fractions):  # TRL's fractions: each source's first rows, none repeated
-        counts = fraction_counts(sizes, fractions)
-        parts = [d["train"].take(np.arange(count)) for d, count in zip(documents, counts) if count]
-    else:
-        shares = None
-        if any(w is not None for w in weights):  # a source without rows left (or eval-only) gets no share
-            shares = [float(w or 0.0) if size else 0.0 for w, size in zip(weights, sizes)]
-        counts = mixture_counts(sizes, shares)
-        parts = [d["train"].take(draw_rows(size, count, rng))
-                 for d, size, count in zip(documents, sizes, counts) if count]
+    picks = mixture_rows(sizes, [s.weight for s in sources], [s.fraction for s in sources], rng)
+    counts = [len(pick) for pick in picks]
+    parts = [d["train"].take(pick) for d, pick in zip(documents, picks) if len(pick)]
     train = _join(parts)
     evaluation = _join([d["eval"] for d in documents])
     for source_stats, count in zip(stats["sources"], counts):

@@ -397,6 +397,20 @@ def mixture_counts(sizes: list[int], weights: list[float] | None) -> list[int]:
     return counts
 
 
+def mixture_rows(sizes: list[int], weights: list[float | None], fractions: list[float | None],
+                 rng: np.random.Generator) -> list[np.ndarray]:
+    """The rows of each source in one epoch of the mixture: TRL's fractions (each source's first rows, none
+    repeated), sftune's weights (seeded draws, by rows), or every row once. A weight or fraction not given is None
+    (never padded with 0.0, which would read as given)."""
+    if any(f is not None for f in fractions):
+        return [np.arange(count, dtype=np.int64) for count in fraction_counts(sizes, fractions)]
+    shares = None
+    if any(w is not None for w in weights):  # a source without rows left (or eval-only) gets no share
+        shares = [float(w or 0.0) if size else 0.0 for w, size in zip(weights, sizes)]
+    return [draw_rows(size, count, rng) if count else np.zeros(0, dtype=np.int64)
+            for size, count in zip(sizes, mixture_counts(sizes, shares))]
+
+
 def fraction_counts(sizes: list[int], fractions: list[float | None]) -> list[int]:
     """Rows each source contributes under TRL's fractions: the shares normalised to one, and the mixture as large as
     it can be without repeating a row of any source; each source gives its first round(share * total) rows. A
