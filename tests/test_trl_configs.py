@@ -62,12 +62,12 @@ def test_a_files_launch_keys_start_the_processes_it_asks_for(trl_workspace, monk
     from sftune import launch
 
     started = []
-    monkeypatch.setattr(launch, "launch_data_parallel", lambda *args: started.append(args) or 0)
+    monkeypatch.setattr(launch, "launch_data_parallel", lambda *args, **kwargs: started.append(args) or 0)
     monkeypatch.delenv("SFTUNE_LAUNCHED_ARGV", raising=False)
     for name in ("clis_sft_num_processes.yaml", "clis_sft_accelerate_config.yaml"):
         path = str(Path(__file__).parent / "trl_configs" / name)
         assert main(["train", path, "--output_dir", str(trl_workspace / name)]) == 0
-        monkeypatch.delenv("SFTUNE_LAUNCHED_ARGV")  # set for the processes it starts
+        assert "SFTUNE_LAUNCHED_ARGV" not in os.environ  # set for the processes it starts only
     assert [(n, config) for n, _, config in started] == [(4, None), (1, "zero2")]
     path = str(Path(__file__).parent / "trl_configs" / "clis_sft_num_processes.yaml")
     main(["train", path, "--num_processes", "2", "--accelerate_config", "fsdp2", "--output_dir", "x"])

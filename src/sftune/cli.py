@@ -170,7 +170,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
 def _launch_settings(args: argparse.Namespace, config: cfg.SFTConfig) -> tuple[int, str | None]:
     """(processes, accelerate config) of `sftune train`: the flags, else the config's launch keys (TRL's files
     have them); a process that accelerate already started launches nothing more."""
-    if LAUNCHED_ARGV in os.environ:
+    if LAUNCHED_ARGV in os.environ or "LOCAL_RANK" in os.environ:  # started by sftune's launch, or accelerate's
         return 1, None
     launch = config.launch_settings
     accelerate_config = launch.get("accelerate_config")
@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                 from sftune.preflight import check_before_loading
 
                 check_before_loading(config)  # once, before N processes import torch
-                os.environ[LAUNCHED_ARGV] = json.dumps(argv)
                 child_argv = _without_flag(_without_flag(argv, "num_processes"), "accelerate_config")
-                return launch_data_parallel(num_processes, child_argv, accelerate_config)
+                return launch_data_parallel(num_processes, child_argv, accelerate_config,
+                                            child_env={LAUNCHED_ARGV: json.dumps(argv)})
             from sftune.run import train
 
             train(config)  # checks the output folder and the local paths before torch loads

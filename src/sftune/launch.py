@@ -39,13 +39,14 @@ def launch_command(num_processes: int, argv: list[str], accelerate_config: str |
             "-m", "sftune", *argv]
 
 
-def launch_data_parallel(num_processes: int, argv: list[str], accelerate_config: str | None = None) -> int:
+def launch_data_parallel(num_processes: int, argv: list[str], accelerate_config: str | None = None,
+                         child_env: dict[str, str] | None = None) -> int:
     """Run `sftune <argv>` in `num_processes` processes; returns the launcher's exit code.
 
     With GPUs, one process per GPU. Without, CPU processes talking over gloo: accelerate needs
     ACCELERATE_USE_CPU and --multi_gpu for that (a plain CPU config would start a single process).
     """
-    env = dict(os.environ)
+    env = {**os.environ, **(child_env or {})}  # the children's only: this process's environment stays as it was
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"
     return subprocess.run(launch_command(num_processes, argv, accelerate_config), env=env).returncode
