@@ -60,6 +60,12 @@ class TrainingSettings:
         None, "Trained tokens projected to the vocabulary at once in the loss (unset: ~256 MB of logits).",
         "training",
     )
+    router_aux_loss_coef: float | None = opt(
+        None,
+        "Mixture-of-Experts: weight of the router's load-balancing loss added to the training loss (unset: the "
+        "model config's own router_aux_loss_coef; 0: off, the expert load is still logged).",
+        "training",
+    )
     on_nonfinite_loss: Literal["stop", "skip"] = opt(
         "stop", "What a NaN/inf loss does: stop the run naming the step, or skip that optimizer step.", "training"
     )
@@ -93,6 +99,8 @@ class TrainingSettings:
         need(self.seed >= 0, "seed", "must be >= 0")
         need(self.loss_chunk_size is None or self.loss_chunk_size >= 1, "loss_chunk_size", "must be >= 1")
         need(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
+        need(self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0, "router_aux_loss_coef",
+             "must be >= 0 (0 turns the balancing loss off)")
         if self.warmup_ratio > 0 and self.warmup_steps > 0:
             problems.add(
                 f"config keys 'warmup_ratio' ({self.warmup_ratio}) and 'warmup_steps' ({self.warmup_steps}) "
