@@ -95,6 +95,7 @@ def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
         )
     else:
         targets = config.lora_target_modules or default_target_modules(model)
+        check_target_parameters(model, config.lora_target_parameters)
         lora = LoraConfig(
             task_type="CAUSAL_LM",
             r=config.lora_r,
@@ -148,6 +149,18 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
         if suffix not in suffixes:
             suffixes.append(suffix)
     return suffixes
+
+
+def check_target_parameters(model: nn.Module, targets: list[str] | None) -> None:
+    """Each of lora_target_parameters must name a parameter (peft only warns, and trains without it)."""
+    names = [name for name, _ in model.named_parameters()]
+    for target in targets or []:
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            experts = expert_parameter_names(model)
+            hint = f"this model's expert weights are {', '.join(experts)}" if experts else \
+                "this model has no 3-D expert weights"
+            raise UserError(f"config key 'lora_target_parameters' has '{target}', which names no parameter of "
+                            f"{type(model).__name__} ({hint})")
 
 
 def report_frozen_experts(model: nn.Module) -> None:

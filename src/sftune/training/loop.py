@@ -292,7 +292,8 @@ class Trainer:
                      "rows_per_step": self.plan.rows_per_step, "world_size": self.world_size,
                      "skipped_steps": self.skipped_steps}
             path = checkpoint.publish_checkpoint(
-                stage, self.step, lambda folder: save_model(self.model, self.saved_with_model, folder, state_dict),
+                stage, self.step, lambda folder: save_model(self.model, self.saved_with_model, folder, state_dict,
+                                                            hub_layout=False),
                 None if sharded.is_sharded(accelerator) else self.optimizer, self.scheduler, rng_states, state,
                 self.output_dir / CONFIG_FILENAME,
             )
