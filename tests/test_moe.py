@@ -180,7 +180,23 @@ def test_full_fine_tuning_saves_a_model_that_reloads_with_the_same_logits(family
     ids = torch.tensor([result.tokenizer.encode("the cat sat on the mat today")])
     assert (logits_of(reloaded, ids) - logits_of(result.model, ids)).abs().max() < 1e-5
     card = (result.output_dir / "README.md").read_text()
-    assert "aux_loss" in card  # the results table reports the balancing loss
+    assert "| train aux loss |" in card and "| train expert load cv |" in card  # the results table
+
+
+def test_the_card_plot_has_an_expert_load_panel(moe_dir, varied_rows, tmp_path):
+    from sftune.export.card import loss_figure
+
+    result = train(config(moe_dir("qwen3_moe"), varied_rows, tmp_path / "run", per_device_train_batch_size=4,
+                          eval_strategy="steps", eval_steps=2, eval_ratio=0.2))
+    metrics = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("aux_loss" in m and "expert_load_max" in m for m in metrics if "loss" in m)
+    assert all("eval_aux_loss" in m and "eval_expert_load_cv" in m for m in metrics if "eval_loss" in m)
+    figure = loss_figure(metrics, "run")
+    labels = {line.get_label() for axes in figure.axes for line in axes.get_lines()}
+    assert {"aux (balancing) loss", "eval aux loss", "expert load CV", "train loss"} <= labels
+    dense = [{k: v for k, v in m.items() if "aux" not in k and "expert" not in k} for m in metrics]
+    assert len(loss_figure(dense, "run").axes) == 2  # a dense model's plot: loss and learning rate only
+    assert (result.output_dir / "loss_curve.png").is_file()
 
 
 def test_lora_on_attention_says_the_experts_stay_frozen(moe_dir, varied_rows, tmp_path, caplog):
