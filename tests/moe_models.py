@@ -7,7 +7,8 @@ from pathlib import Path
 
 from conftest import build_tokenizer
 
-FAMILIES = ("qwen3_moe", "olmoe")
+FAMILIES = ("qwen3_moe", "olmoe")  # trained in the tests
+LOSS_FAMILIES = (*FAMILIES, "mixtral", "gpt_oss", "qwen2_moe")  # their balancing loss checked on one batch
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
@@ -25,6 +26,21 @@ def build_moe(family: str, vocab_size: int, pad_token_id: int, eos_token_id: int
                                                   **common))
     if family == "olmoe":
         return OlmoeForCausalLM(OlmoeConfig(intermediate_size=16, **common))
+    # more families, for the balancing loss against each one's own (forward only)
+    from transformers import (
+        GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+    )
+
+    experts = common.pop("num_experts")
+    if family == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(intermediate_size=16, num_local_experts=experts, **common))
+    if family == "gpt_oss":
+        return GptOssForCausalLM(GptOssConfig(intermediate_size=16, num_local_experts=experts, head_dim=8,
+                                              layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                                              **common))
+    if family == "qwen2_moe":
+        return Qwen2MoeForCausalLM(Qwen2MoeConfig(intermediate_size=16, moe_intermediate_size=16,
+                                                  shared_expert_intermediate_size=16, num_experts=experts, **common))
     raise ValueError(family)
 
 

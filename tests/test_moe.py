@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import conversations, write_jsonl
-from moe_models import EXPERT_PARAMETERS, FAMILIES, build_moe, save_moe
+from moe_models import EXPERT_PARAMETERS, FAMILIES, LOSS_FAMILIES, build_moe, save_moe
 
 from sftune import SFTConfig, train
 from sftune.cli import main
@@ -71,7 +71,7 @@ def logits_of(model, ids):
 # ---------------------------------------------------------------- the loss itself
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", LOSS_FAMILIES)
 def test_the_balancing_loss_equals_the_models_own_on_one_batch(family):
     """routing_of + balancing_loss against transformers' load_balancing_loss_func, through the model's own
     causal-LM forward, on a padded batch (padding excluded by the attention mask)."""
@@ -79,24 +79,28 @@ def test_the_balancing_loss_equals_the_models_own_on_one_batch(family):
     ids = torch.randint(2, 300, (3, 17), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, 11:], mask[2, 5:] = 0, 0
-    theirs = model(input_ids=ids, attention_mask=mask, output_router_logits=True, use_cache=False).aux_loss
+    theirs = model(input_ids=ids, attention_mask=mask, output_router_logits=True, use_cache=False).aux_loss.detach()
     loss_model = CausalLMWithLoss(model)
     spec = loss_model.router
     assert spec == moe.RouterSpec(num_experts=4, top_k=2, config_coef=model.config.router_aux_loss_coef)
     routing = loss_model(ids, torch.full_like(ids, -100), attention_mask=mask, routing_only=True)["routing"]
     assert routing.tokens == int(mask.sum()) and routing.counts.shape == (2, 4)
     assert routing.counts.sum() == 2 * 2 * mask.sum()  # every real token chooses 2 experts in each of 2 layers
-    ours = moe.balancing_loss(routing, spec)
+    ours = moe.balancing_loss(routing, spec).detach()
     assert abs(float(ours) - float(theirs)) < 1e-6
     ignoring_padding = moe.balancing_loss(moe.routing_of(
         model.model(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits, None, spec), spec)
-    assert abs(float(ignoring_padding) - float(theirs)) > 1e-4  # the padding is really there and really excluded
+    assert abs(float(ignoring_padding.detach()) - float(theirs)) > 1e-4  # the padding is really there and really excluded
 
 
-def test_a_dense_model_has_no_router(tiny_model_dir):
+def test_a_dense_model_has_no_router(tiny_model_dir, caplog):
     from transformers import AutoModelForCausalLM
 
     assert CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(tiny_model_dir)).router is None
+    assert moe.balance_for(None, None, 1, torch.clone) is None and not caplog.records
+    with caplog.at_level(logging.WARNING, logger="sftune"):
+        assert moe.balance_for(None, 0.01, 1, torch.clone) is None
+    assert "router_aux_loss_coef is set, but this model has no router balancing loss" in caplog.text
 
 
 def test_load_figures():
@@ -320,3 +324,16 @@ def test_two_processes_equal_one_with_the_aux_loss(moe_dir, tmp_path):
     for key in ("loss", "grad_norm", "aux_loss", "expert_load_cv", "expert_load_max"):
         np.testing.assert_allclose([line[key] for line in lines], [e[key] for e in single.history], rtol=ATOL,
                                    atol=ATOL, err_msg=key)
+
+
+def test_gradient_checkpointing_gives_the_same_training(moe_dir, varied_rows, tmp_path):
+    """Recomputing the layers in backward must not record the routers twice, nor change the balancing loss."""
+    settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, padding_free=False)
+    plain = train(config(moe_dir("qwen3_moe"), varied_rows, tmp_path / "plain", **settings))
+    recomputed = train(config(moe_dir("qwen3_moe"), varied_rows, tmp_path / "recomputed", gradient_checkpointing=True,
+                              **settings))
+    def checkpointed(model):
+        return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+    assert checkpointed(recomputed.model) and not checkpointed(plain.model)
+    assert_same_training(plain, recomputed)

@@ -21,6 +21,7 @@ rows); packed documents are tokens of their own and count, as they would unpacke
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger("sftune")
 
 Batch = dict[str, torch.Tensor]
 
@@ -42,13 +45,15 @@ class RouterSpec:
 
 
 def router_spec(causal_lm: nn.Module) -> RouterSpec | None:
-    """The routers of an MoE causal LM, or None for a dense model.
+    """The routers of an MoE causal LM with a softmax top-k balancing loss, or None.
 
-    An MoE model in transformers records `router_logits` when asked (`output_router_logits` in its config) and
-    names its expert count and top-k; its causal LM keeps them as attributes, the config under family names.
+    Such a model in transformers records `router_logits` when asked (`output_router_logits` in its config), has
+    a `router_aux_loss_coef`, and names its expert count and top-k; its causal LM keeps them as attributes, the
+    config under family names. Models that balance without an auxiliary loss (DeepSeek-V3's biased sigmoid
+    routing) have no coefficient, and their routing is not softmax top-k: None, like a dense model.
     """
     config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
-    if not hasattr(config, "output_router_logits"):
+    if not hasattr(config, "output_router_logits") or not hasattr(config, "router_aux_loss_coef"):
         return None
     experts = _first_int(causal_lm, config, ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"))
     top_k = _first_int(causal_lm, config, ("num_experts_per_tok", "top_k", "moe_topk", "moe_k"))
@@ -240,5 +245,8 @@ def balance_for(spec: RouterSpec | None, coef: float | None, world_size: int,
                 reduce: Callable[[torch.Tensor], torch.Tensor]) -> RouterBalance | None:
     """The run's balancing: None for a dense model. `coef` None takes the model config's own coefficient."""
     if spec is None:
+        if coef:
+            log.warning("router_aux_loss_coef is set, but this model has no router balancing loss (a dense model, "
+                        "or routing balanced without one); it is ignored")
         return None
     return RouterBalance(spec, spec.config_coef if coef is None else coef, world_size, reduce)
