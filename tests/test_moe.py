@@ -5,7 +5,6 @@ merge, resume, reload and QLoRA, on tiny Qwen3-MoE and OLMoE models built from c
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 
 import numpy as np
@@ -93,14 +92,17 @@ def test_the_balancing_loss_equals_the_models_own_on_one_batch(family):
     assert abs(float(ignoring_padding.detach()) - float(theirs)) > 1e-4  # the padding is really there and really excluded
 
 
-def test_a_dense_model_has_no_router(tiny_model_dir, caplog):
+def test_a_dense_model_has_no_router(tiny_model_dir, capsys):
     from transformers import AutoModelForCausalLM
 
+    from sftune.logs import setup_logging
+
+    setup_logging()  # sftune's log, as a run has it (on stderr)
     assert CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(tiny_model_dir)).router is None
-    assert moe.balance_for(None, None, 1, torch.clone) is None and not caplog.records
-    with caplog.at_level(logging.WARNING, logger="sftune"):
-        assert moe.balance_for(None, 0.01, 1, torch.clone) is None
-    assert "router_aux_loss_coef is set, but this model has no router balancing loss" in caplog.text
+    capsys.readouterr()
+    assert moe.balance_for(None, None, 1, torch.clone) is None and "router" not in capsys.readouterr().err
+    assert moe.balance_for(None, 0.01, 1, torch.clone) is None
+    assert "router_aux_loss_coef is set, but this model has no router balancing loss" in capsys.readouterr().err
 
 
 def test_load_figures():
@@ -158,7 +160,7 @@ def test_packed_equals_unpacked_with_the_aux_loss(moe_dir, varied_rows, tmp_path
     assert_same_training(unpacked, packed)
 
 
-def test_the_config_coefficient_is_the_default(moe_dir, varied_rows, tmp_path):
+def test_the_config_coefficient_is_the_default(moe_dir, varied_rows, tmp_path, capsys):
     """router_aux_loss_coef unset takes the model config's value (here set to COEF in the model folder)."""
     folder = tmp_path / "model"
     shutil.copytree(moe_dir("qwen3_moe"), folder)
@@ -168,6 +170,7 @@ def test_the_config_coefficient_is_the_default(moe_dir, varied_rows, tmp_path):
     unset = train(config(folder, varied_rows, tmp_path / "unset", router_aux_loss_coef=None, **common))
     explicit = train(config(folder, varied_rows, tmp_path / "explicit", **common))
     assert_same_training(unset, explicit)
+    assert "moe: 4 experts, top-2; router balancing loss x 0.5 (the model config's)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- full fine-tuning, adapters, merge, reload, resume
@@ -203,11 +206,12 @@ def test_the_card_plot_has_an_expert_load_panel(moe_dir, varied_rows, tmp_path):
     assert (result.output_dir / "loss_curve.png").is_file()
 
 
-def test_lora_on_attention_says_the_experts_stay_frozen(moe_dir, varied_rows, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="sftune"):
-        result = train(config(moe_dir("qwen3_moe"), varied_rows, tmp_path / "run", use_peft=True, max_steps=2,
-                              per_device_train_batch_size=4))
-    lines = [r.getMessage() for r in caplog.records if "stay frozen" in r.getMessage()]
+def test_lora_on_attention_says_the_experts_stay_frozen(moe_dir, varied_rows, tmp_path, capsys):
+    result = train(config(moe_dir("qwen3_moe"), varied_rows, tmp_path / "run", use_peft=True, max_steps=2,
+                          per_device_train_batch_size=4))
+    err = capsys.readouterr().err
+    assert "moe: 4 experts, top-2; router balancing loss x 0.5 (router_aux_loss_coef)" in err
+    lines = [line.removeprefix("[sftune] ") for line in err.splitlines() if "stay frozen" in line]
     assert lines == ["adapters: the experts of this Mixture-of-Experts model stay frozen (LoRA on modules does not "
                      "reach their 3-D weights); to adapt them set lora_target_parameters: "
                      "[mlp.experts.gate_up_proj, mlp.experts.down_proj] (and lora_dropout: 0)"]
@@ -217,16 +221,17 @@ def test_lora_on_attention_says_the_experts_stay_frozen(moe_dir, varied_rows, tm
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_on_experts_trains_them_and_merges_into_the_same_logits(family, moe_dir, varied_rows, tmp_path, caplog):
+def test_lora_on_experts_trains_them_and_merges_into_the_same_logits(family, moe_dir, varied_rows, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    with caplog.at_level(logging.INFO, logger="sftune"):
-        result = train(config(moe_dir(family), varied_rows, tmp_path / "run", use_peft=True, lora_dropout=0.0,
-                              lora_target_parameters=EXPERT_PARAMETERS, per_device_train_batch_size=4, max_steps=3))
-    assert not any("stay frozen" in r.getMessage() for r in caplog.records)
-    assert any("and the parameters mlp.experts.gate_up_proj,mlp.experts.down_proj" in r.getMessage()
-               for r in caplog.records)
+    result = train(config(moe_dir(family), varied_rows, tmp_path / "run", use_peft=True, lora_dropout=0.0,
+                          lora_target_parameters=EXPERT_PARAMETERS, per_device_train_batch_size=4, max_steps=3))
+    err = capsys.readouterr().err
+    assert "stay frozen" not in err
+    assert "and the parameters mlp.experts.gate_up_proj,mlp.experts.down_proj" in err
+    card = (result.output_dir / "README.md").read_text()
+    assert "and the parameters `mlp.experts.down_proj`, `mlp.experts.gate_up_proj`" in card
     trainable = [name for name, p in result.model.named_parameters() if p.requires_grad]
     assert any("mlp.experts" in name for name in trainable) and any("self_attn" in name for name in trainable)
     ids = torch.tensor([result.tokenizer.encode("the cat sat on the mat today")])

@@ -273,8 +273,11 @@ def _introduction(config: SFTConfig, base: str | None, adapter: dict[str, Any] |
         kind = "DoRA" if adapter.get("use_dora") else "rsLoRA" if adapter.get("use_rslora") else "LoRA"
         quantized = (" on a 4-bit base (QLoRA)" if config.load_in_4bit
                      else " on an 8-bit base" if config.load_in_8bit else "")
+        parameters = adapter.get("target_parameters")  # an MoE model's fused expert weights
+        on = _targets(adapter.get("target_modules")) + (f" and the parameters {_targets(parameters)}"
+                                                         if parameters else "")
         how = (f"a {kind} adapter (rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, on "
-               f"{_targets(adapter.get('target_modules'))}){quantized} for {_model_label(config, base)}")
+               f"{on}){quantized} for {_model_label(config, base)}")
     else:
         how = f"{_model_label(config, base)}, fine-tuned in full"
     data = ""

@@ -249,4 +249,12 @@ def balance_for(spec: RouterSpec | None, coef: float | None, world_size: int,
             log.warning("router_aux_loss_coef is set, but this model has no router balancing loss (a dense model, "
                         "or routing balanced without one); it is ignored")
         return None
-    return RouterBalance(spec, spec.config_coef if coef is None else coef, world_size, reduce)
+    chosen = spec.config_coef if coef is None else coef
+    source = "the model config's" if coef is None else "router_aux_loss_coef"
+    if chosen > 0:
+        log.info("moe: %d experts, top-%d; router balancing loss x %g (%s)", spec.num_experts, spec.top_k, chosen,
+                 source)
+    else:
+        log.info("moe: %d experts, top-%d; router balancing loss off (%s is 0), expert load still logged",
+                 spec.num_experts, spec.top_k, source)
+    return RouterBalance(spec, chosen, world_size, reduce)
