@@ -106,6 +106,12 @@ MUTANTS = (
         ("tests/test_moe.py::test_gradient_accumulation_equals_one_big_batch_with_the_aux_loss",),
     ),
     Mutant(
+        "moe_aux_world_size", "MoE: the balancing loss's gradient averaged over processes, not summed",
+        "training/moe.py", "return self.coef * self.spec.num_experts * self.world_size * share",
+        "return self.coef * self.spec.num_experts * share",
+        ("tests/test_moe.py::test_two_processes_equal_one_with_the_aux_loss",),
+    ),
+    Mutant(
         "moe_padding_routed", "MoE: padding counts as routed tokens in the balancing loss",
         "training/loss.py", "real = token_mask if token_mask is not None else attention_mask", "real = None",
         ("tests/test_moe.py::test_padding_free_equals_padded_batches_with_the_aux_loss",),

@@ -342,3 +342,50 @@ def test_gradient_checkpointing_gives_the_same_training(moe_dir, varied_rows, tm
 
     assert checkpointed(recomputed.model) and not checkpointed(plain.model)
     assert_same_training(plain, recomputed)
+
+
+def _fsdp2_worker(rank: int, world: int, port: int, values: dict, result_file: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    from test_fsdp2 import fsdp2_accelerator
+
+    from sftune import run
+
+    def moe_fsdp2_accelerator():
+        accelerator = fsdp2_accelerator()  # accelerate's FSDP2 state on gloo, as test_fsdp2.py builds it
+        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = ["Qwen3MoeDecoderLayer"]
+        return accelerator
+
+    run.make_accelerator = moe_fsdp2_accelerator
+    result = run.train(SFTConfig(**values))
+    if rank == 0:
+        with open(result_file, "w") as handle:
+            json.dump({"history": result.history, "engine": result.plan.engine}, handle)
+
+
+@pytest.mark.slow  # two processes
+def test_fsdp2_equals_one_process_with_the_aux_loss(moe_dir, tmp_path):
+    """FSDP2 on 2 processes (the routing pre-pass runs through the sharded model) against one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(16, seed=13))
+    values = dict(model_name_or_path=str(moe_dir("qwen3_moe")), dataset_name=str(data),
+                  output_dir=str(tmp_path / "fsdp"), learning_rate=1e-3, max_steps=3, logging_steps=1,
+                  per_device_train_batch_size=2, max_length=96, save_strategy="no", attn_implementation="sdpa",
+                  router_aux_loss_coef=COEF, padding_free=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_fsdp2_worker, args=(2, port, values, str(tmp_path / "fsdp.json")), nprocs=2, join=True)
+    sharded = json.loads((tmp_path / "fsdp.json").read_text())
+    assert sharded["engine"] == "fsdp"
+    single = train(SFTConfig(**{**values, "output_dir": str(tmp_path / "one"), "per_device_train_batch_size": 4}))
+    ours = [e for e in sharded["history"] if "loss" in e]
+    assert all(e["aux_loss"] > 1.0 for e in ours)
+    for key in ("loss", "grad_norm", "aux_loss", "expert_load_cv"):
+        np.testing.assert_allclose([e[key] for e in ours], [e[key] for e in single.history], rtol=ATOL, atol=ATOL,
+                                   err_msg=key)
