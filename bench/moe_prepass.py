@@ -38,8 +38,8 @@ def build(folder: Path) -> Path:
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
+                            moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                             num_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
                             tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=tokenizer.eos_token_id, bos_token_id=None)

@@ -89,7 +89,8 @@ def test_the_balancing_loss_equals_the_models_own_on_one_batch(family):
     assert abs(float(ours) - float(theirs)) < 1e-6
     ignoring_padding = moe.balancing_loss(moe.routing_of(
         model.model(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits, None, spec), spec)
-    assert abs(float(ignoring_padding.detach()) - float(theirs)) > 1e-4  # the padding is really there and really excluded
+    # the padding is really there, and really left out
+    assert abs(float(ignoring_padding.detach()) - float(theirs)) > 1e-4
 
 
 def test_a_dense_model_has_no_router(tiny_model_dir, capsys):

@@ -190,7 +190,8 @@ class RouterBalance:
         if fractions is None:  # no pre-pass: the counts of the forwards just run, over every process
             tokens = torch.tensor(float(self.step_tokens), dtype=torch.float64, device=self.step_counts.device)
             fractions, rows = self._step_fractions(self.step_counts, tokens)
-        self.interval_aux += float(self.spec.num_experts * (fractions.double() * self.step_prob_sums).sum() / max(rows, 1))
+        step_aux = self.spec.num_experts * (fractions.double() * self.step_prob_sums).sum() / max(rows, 1)
+        self.interval_aux += float(step_aux)
         self.interval_steps += 1
         counts = self.step_counts
         self.interval_counts = counts if self.interval_counts is None else self.interval_counts + counts
