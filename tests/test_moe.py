@@ -253,9 +253,9 @@ def test_lora_on_experts_trains_them_and_merges_into_the_same_logits(family, moe
 
 
 def test_resume_equals_an_uninterrupted_run(moe_dir, varied_rows, tmp_path):
-    settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=5, padding_free=False)
-    full = train(config(moe_dir("olmoe"), varied_rows, tmp_path / "full", save_strategy="steps", save_steps=2,
-                        **settings))
+    settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=5, padding_free=False,
+                    save_strategy="steps", save_steps=2)
+    full = train(config(moe_dir("olmoe"), varied_rows, tmp_path / "full", **settings))
     resumed = train(config(moe_dir("olmoe"), varied_rows, tmp_path / "resumed",
                            resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"), **settings))
     assert [e["step"] for e in resumed.history] == [3, 4, 5]
