@@ -114,6 +114,18 @@ def test_load_figures():
     np.testing.assert_allclose(skewed["expert_load_cv"], (np.sqrt(3) + np.std([4, 2, 1, 1]) / 2) / 2)
 
 
+def test_position_batches_mark_their_padding():
+    """Packed rows of unequal length are padded without an attention mask: token_mask says which tokens are real."""
+    from sftune.data.collate import position_batch
+
+    rows = [{"input_ids": np.arange(5), "labels": np.arange(5), "seq_lengths": [2, 3], "source": [0, 0]},
+            {"input_ids": np.arange(3), "labels": np.arange(3)}]
+    batch = position_batch(rows, pad_token_id=0, join=False)
+    assert batch["token_mask"].tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    assert "token_mask" not in position_batch(rows[:1], pad_token_id=0, join=False)
+    assert "token_mask" not in position_batch(rows, pad_token_id=0, join=True)  # one row: no padding
+
+
 # ---------------------------------------------------------------- token-exact across micro-batches, padding, packing
 
 
