@@ -99,6 +99,30 @@ MUTANTS = (
         ("tests/test_invariants.py::test_padding_free_equals_padded_batches",),
     ),
     Mutant(
+        "moe_aux_per_micro_batch", "MoE: each micro-batch adds its own balancing loss (its own expert shares and "
+        "token count), not its share of the step's", "training/moe.py",
+        "        if fractions is None:  # one micro-batch on one process: the counts of this very forward",
+        "        if True:",
+        ("tests/test_moe.py::test_gradient_accumulation_equals_one_big_batch_with_the_aux_loss",),
+    ),
+    Mutant(
+        "moe_aux_world_size", "MoE: the balancing loss's gradient averaged over processes, not summed",
+        "training/moe.py", "return self.coef * self.spec.num_experts * self.world_size * share",
+        "return self.coef * self.spec.num_experts * share",
+        ("tests/test_moe.py::test_two_processes_equal_one_with_the_aux_loss",),
+    ),
+    Mutant(
+        "moe_padding_routed", "MoE: padding counts as routed tokens in the balancing loss",
+        "training/loss.py", "real = token_mask if token_mask is not None else attention_mask", "real = None",
+        ("tests/test_moe.py::test_padding_free_equals_padded_batches_with_the_aux_loss",),
+    ),
+    Mutant(
+        "moe_packed_padding_routed", "MoE: the padding of packed rows (no attention mask) counts as routed tokens",
+        "training/loss.py", "real = token_mask if token_mask is not None else attention_mask",
+        "real = attention_mask",
+        ("tests/test_moe.py::test_packed_equals_unpacked_with_the_aux_loss",),
+    ),
+    Mutant(
         "fsdp_gather_skipped", "under FSDP the final save writes the weights as they were loaded, not gathered",
         "training/sharded.py", "    state = accelerator.get_state_dict(loss_model)\n",
         "    state = None\n",

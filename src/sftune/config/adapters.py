@@ -21,6 +21,13 @@ class AdapterSettings:
         "(unset: every linear projection of the language model's attention).",
         "adapters",
     )
+    lora_target_parameters: list[str] | None = opt(
+        None,
+        "Parameters (not modules) that get adapters: names or suffixes of 3-D expert weights of a Mixture-of-"
+        "Experts model, e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj (peft's target_parameters; needs "
+        "lora_dropout: 0).",
+        "adapters",
+    )
     lora_modules_to_save: list[str] | None = opt(
         None, "Modules trained fully and saved with the adapter, e.g. lm_head,embed_tokens.", "adapters"
     )
@@ -46,6 +53,14 @@ class AdapterSettings:
         problems.need(self.lora_r >= 1, "lora_r", "must be >= 1")
         problems.need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         problems.need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+        if self.lora_target_parameters and self.lora_dropout > 0:
+            problems.add(
+                f"config key 'lora_target_parameters' needs lora_dropout: 0 (it is {self.lora_dropout}): peft "
+                "cannot apply dropout to adapters on expert parameters"
+            )
+        if self.lora_target_parameters and self.use_dora:
+            problems.add("config keys 'lora_target_parameters' and 'use_dora' cannot be combined: peft has no "
+                         "DoRA for expert parameters; keep one of them")
         for key in ("adapter_name_or_path", "load_in_4bit", "load_in_8bit"):
             problems.need(
                 not getattr(self, key) or self.use_peft, key,

@@ -63,6 +63,12 @@ class TrainingSettings:
         None, "Trained tokens projected to the vocabulary at once in the loss (unset: ~256 MB of logits).",
         "training",
     )
+    router_aux_loss_coef: float | None = opt(
+        None,
+        "Mixture-of-Experts: weight of the router's load-balancing loss added to the training loss (unset: the "
+        "model config's own router_aux_loss_coef; 0: off, the expert load is still logged).",
+        "training",
+    )
     on_nonfinite_loss: Literal["stop", "skip"] = opt(
         "stop", "What a NaN/inf loss does: stop the run naming the step, or skip that optimizer step.", "training"
     )
@@ -114,3 +120,5 @@ class TrainingSettings:
         if self.label_smoothing_factor > 0 and self.loss_type == "dft":
             problems.add(f"config key 'label_smoothing_factor' ({self.label_smoothing_factor}) does not combine with "
                          "loss_type: dft (DFT weights each token by its own probability): set one of them")
+        need(self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0, "router_aux_loss_coef",
+             "must be >= 0 (0 turns the balancing loss off)")

@@ -13,7 +13,9 @@ The batching plan (batching.py) names the layout; this module builds it:
   normalises by the trained tokens of the whole optimizer step, so the update is the padded batch's.
 
 Every batch also carries `source_ids`, aligned with `targets`: the source dataset of the document each target
-belongs to, -1 where there is no target. It is for per-source loss reports.
+belongs to, -1 where there is no target. It is for per-source loss reports. A position batch whose rows are
+padded to a common width also carries `token_mask` (true at real tokens): without an attention mask, it is what
+tells an MoE model's balancing loss (training/moe.py) which positions are padding.
 
 A vision-language model's rows take the same layouts plus its images and other inputs (vision_batches.py);
 pixels are made per batch, so the prepared data holds only references to the images.
@@ -104,12 +106,16 @@ def position_batch(rows: list[dict[str, Any]], pad_token_id: int, join: bool,
         input_ids[i, :n], targets[i, :n], source_ids[i, :n] = ids, row_targets, sources
         position_ids[i, :n] = positions
         position_ids[i, n:] -= n
-    return {
+    batch = {
         "input_ids": torch.from_numpy(input_ids),
         "position_ids": torch.from_numpy(position_ids),
         "targets": torch.from_numpy(targets),
         "source_ids": torch.from_numpy(source_ids),
     }
+    lengths = np.array([len(p[0]) for p in parts])
+    if (lengths < width).any():
+        batch["token_mask"] = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None])
+    return batch
 
 
 def _positions(lengths: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ log = logging.getLogger("sftune")
 
 CARD_FILENAME = "README.md"
 PLOT_FILENAME = "loss_curve.png"
+EXPERT_LOAD_KEYS = ("aux_loss", "expert_load_cv", "expert_load_max")  # logged for Mixture-of-Experts models
 MIN_LOGGED_POINTS = 5  # fewer logged losses than this make a poor curve: the plot uses every step's loss instead
 METRICS_FILENAME = "metrics.jsonl"
 # Settings that say where things are or go rather than how the model was trained: the card shows them elsewhere.
@@ -97,6 +98,7 @@ def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str,
 
 def loss_figure(metrics: list[dict[str, Any]], title: str, step_losses: list[dict[str, Any]] | None = None) -> Any:
     """Train loss, eval loss (when evaluated) and the learning rate on a second axis; None with no loss logged.
+    A Mixture-of-Experts run gets a second panel: its balancing loss and expert load.
 
     With fewer than MIN_LOGGED_POINTS logged train losses (a short run, or logging_steps longer than the run), the
     loss of every step is drawn instead, if there are more of those: a curve, not one dot.
@@ -114,8 +116,13 @@ def loss_figure(metrics: list[dict[str, Any]], title: str, step_losses: list[dic
         return None
     from matplotlib.figure import Figure  # no pyplot: nothing global changes in the caller's session
 
-    figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
-    axes = figure.subplots()
+    expert_load = [m for m in metrics if "aux_loss" in m or "eval_aux_loss" in m]
+    figure = Figure(figsize=(8, 7 if expert_load else 4.5), dpi=100, layout="constrained")
+    if expert_load:  # Mixture-of-Experts: the balancing loss and the expert load under the loss
+        axes, load_axes = figure.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+        _expert_load_panel(load_axes, expert_load)
+    else:
+        axes = figure.subplots()
     marker = "o" if len(train) <= 30 else None
     lines = []
     if train:
@@ -135,6 +142,31 @@ def loss_figure(metrics: list[dict[str, Any]], title: str, step_losses: list[dic
     axes.legend(lines, [line.get_label() for line in lines], loc="upper right", framealpha=0.9)
     axes.set_title(title)
     return figure
+
+
+def _expert_load_panel(axes: Any, metrics: list[dict[str, Any]]) -> None:
+    """aux_loss (train and eval) on the left axis, expert_load_cv on the right: a router collapsing onto a few
+    experts shows as both rising."""
+    aux = [(m["step"], m["aux_loss"]) for m in metrics if _finite(m.get("aux_loss"))]
+    evals = [(m["step"], m["eval_aux_loss"]) for m in metrics if _finite(m.get("eval_aux_loss"))]
+    spread = [(m["step"], m["expert_load_cv"]) for m in metrics if _finite(m.get("expert_load_cv"))]
+    lines = []
+    if aux:
+        lines += axes.plot(*zip(*aux), color="tab:purple", marker="o" if len(aux) <= 30 else None, markersize=3,
+                           label="aux (balancing) loss")
+    if evals:
+        lines += axes.plot(*zip(*evals), color="tab:red", marker="o", markersize=4, label="eval aux loss")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("aux loss")
+    axes.grid(alpha=0.3)
+    if spread:
+        spread_axes = axes.twinx()
+        lines += spread_axes.plot(*zip(*spread), color="tab:green", linestyle="--", linewidth=1,
+                                  label="expert load CV")
+        spread_axes.set_ylabel("tokens per expert: CV", color="tab:green")
+        spread_axes.set_ylim(bottom=0)
+    if lines:
+        axes.legend(lines, [line.get_label() for line in lines], loc="upper right", framealpha=0.9)
 
 
 def _finite(value: Any) -> bool:
@@ -241,8 +273,11 @@ def _introduction(config: SFTConfig, base: str | None, adapter: dict[str, Any] |
         kind = "DoRA" if adapter.get("use_dora") else "rsLoRA" if adapter.get("use_rslora") else "LoRA"
         quantized = (" on a 4-bit base (QLoRA)" if config.load_in_4bit
                      else " on an 8-bit base" if config.load_in_8bit else "")
+        parameters = adapter.get("target_parameters")  # an MoE model's fused expert weights
+        on = _targets(adapter.get("target_modules")) + (f" and the parameters {_targets(parameters)}"
+                                                         if parameters else "")
         how = (f"a {kind} adapter (rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, on "
-               f"{_targets(adapter.get('target_modules'))}){quantized} for {_model_label(config, base)}")
+               f"{on}){quantized} for {_model_label(config, base)}")
     else:
         how = f"{_model_label(config, base)}, fine-tuned in full"
     data = ""
@@ -418,7 +453,7 @@ def _results_section(metrics: list[dict[str, Any]]) -> str:
         first, last = train[0], train[-1]
         lines.append(f"| train loss (step {first['step']} / {last['step']}) | {_number(first['loss'])} | "
                      f"{_number(last['loss'])} |")
-        for key in ("mean_token_accuracy", "entropy"):
+        for key in ("mean_token_accuracy", "entropy", *EXPERT_LOAD_KEYS):
             if key in last:
                 lines.append(f"| train {key.replace('_', ' ')} | {_number(first.get(key))} | {_number(last[key])} |")
     if evals:

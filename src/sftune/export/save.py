@@ -40,13 +40,15 @@ def staged_into(target: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def save_model(model: Any, tokenizer: Any, output_dir: Path, state_dict: dict[str, Any] | None = None) -> None:
+def save_model(model: Any, tokenizer: Any, output_dir: Path, state_dict: dict[str, Any] | None = None,
+               hub_layout: bool = True) -> None:
     """The model (or its adapter) and the tokenizer or processor, into output_dir (a run folder).
 
     `state_dict` gives the full weights when the model in memory is sharded (FSDP, DeepSpeed ZeRO-3).
+    `hub_layout` False keeps a full model's weights as they are in memory (a checkpoint: see write_model).
     """
     with staged_into(output_dir) as stage:
-        write_model(model, tokenizer, stage, state_dict)
+        write_model(model, tokenizer, stage, state_dict, hub_layout)
 
 
 def save_new_folder(model: Any, tokenizer: Any, target: Path, overwrite: bool = False,
@@ -79,9 +81,16 @@ def save_new_folder(model: Any, tokenizer: Any, target: Path, overwrite: bool = 
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def write_model(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, Any] | None = None) -> None:
+def write_model(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, Any] | None = None,
+                hub_layout: bool = True) -> None:
     # save_pretrained empties a state_dict it is given (transformers 5), so it gets a copy
-    model.save_pretrained(folder, **({"state_dict": dict(state_dict)} if state_dict is not None else {}))
+    options = {"state_dict": dict(state_dict)} if state_dict is not None else {}
+    if not hub_layout and not hasattr(model, "peft_config"):
+        # transformers 5 saves some weights in their Hub layout, not the one in memory (an MoE model's fused 3-D
+        # experts become one matrix per expert); a checkpoint keeps the memory layout, so that resuming loads it
+        # key for key. from_pretrained reads both layouts.
+        options["save_original_format"] = False
+    model.save_pretrained(folder, **options)
     if hasattr(model, "peft_config"):
         (folder / PEFT_CARD).unlink(missing_ok=True)
         generation = getattr(model, "generation_config", None)

@@ -96,12 +96,15 @@ def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
         )
     else:
         targets = config.lora_target_modules or default_target_modules(model)
+        check_target_parameters(model, config.lora_target_parameters)
         lora = LoraConfig(
             task_type="CAUSAL_LM",
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
             target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets,
+            # 3-D parameters such as an MoE model's fused experts, which no module name reaches
+            target_parameters=config.lora_target_parameters,
             modules_to_save=config.lora_modules_to_save,
             use_rslora=config.use_rslora,
             use_dora=config.use_dora,
@@ -113,12 +116,15 @@ def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
             with _quiet_peft():
                 model = get_peft_model(model, lora, autocast_adapter_dtype=False)
         except ValueError as err:
-            raise UserError(f"could not add LoRA adapters: {first_line(err)} (check lora_target_modules)") from None
+            keys = "lora_target_parameters" if "target_parameters" in str(err) else "lora_target_modules"
+            raise UserError(f"could not add LoRA adapters: {first_line(err)} (check {keys})") from None
         kind = "DoRA" if config.use_dora else "rsLoRA" if config.use_rslora else "LoRA"
         log.info(
-            "adapters: %s r=%d alpha=%d dropout=%g on %s", kind, config.lora_r, config.lora_alpha,
+            "adapters: %s r=%d alpha=%d dropout=%g on %s%s", kind, config.lora_r, config.lora_alpha,
             config.lora_dropout, _targets_label(lora.target_modules),
+            f" and the parameters {','.join(config.lora_target_parameters)}" if config.lora_target_parameters else "",
         )
+    report_frozen_experts(model)
     if config.load_in_4bit or config.load_in_8bit:
         # A quantized layer has an integer weight, so peft leaves the new adapter in fp32: bring it, and any
         # module trained in full, to the dtype the quantized layers compute in. (peft's
@@ -129,6 +135,44 @@ def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
             if param.requires_grad and param.dtype != dtype:
                 param.data = param.data.to(dtype)
     return model
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """The 3-D weights of an MoE model's fused experts, by the suffix after the layer number
+    (`mlp.experts.gate_up_proj`); empty for a dense model. Under peft, the base weights' names."""
+    suffixes = []
+    for name, param in model.named_parameters():
+        if param.ndim != 3 or "lora_" in name:
+            continue
+        parts = name.replace(".base_layer", "").split(".")
+        numbered = [i for i, part in enumerate(parts) if part.isdigit()]
+        suffix = ".".join(parts[numbered[-1] + 1:] if numbered else parts[-2:])
+        if suffix not in suffixes:
+            suffixes.append(suffix)
+    return suffixes
+
+
+def check_target_parameters(model: nn.Module, targets: list[str] | None) -> None:
+    """Each of lora_target_parameters must name a parameter (peft only warns, and trains without it)."""
+    names = [name for name, _ in model.named_parameters()]
+    for target in targets or []:
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            experts = expert_parameter_names(model)
+            hint = f"this model's expert weights are {', '.join(experts)}" if experts else \
+                "this model has no 3-D expert weights"
+            raise UserError(f"config key 'lora_target_parameters' has '{target}', which names no parameter of "
+                            f"{type(model).__name__} ({hint})")
+
+
+def report_frozen_experts(model: nn.Module) -> None:
+    """One line when a LoRA run leaves every expert of an MoE model untouched: module names (even all-linear)
+    never reach fused 3-D expert weights, so users are easily surprised."""
+    experts = expert_parameter_names(model)
+    adapted = any(p.requires_grad and "experts" in name for name, p in model.named_parameters())
+    if experts and not adapted:
+        log.info("adapters: the experts of this Mixture-of-Experts model stay frozen (LoRA on modules does not "
+                 "reach their 3-D weights); to adapt them set lora_target_parameters: [%s] (and lora_dropout: 0)",
+                 ", ".join(experts))
 
 
 def _ties_embeddings(model: nn.Module) -> bool:

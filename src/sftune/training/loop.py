@@ -30,7 +30,7 @@ from sftune.data.render import IGNORE_INDEX
 from sftune.errors import ConfigError, TrainingError, TrainingInterrupted, UserError, write_failure_reason
 from sftune.export.save import save_model
 from sftune.generation import greedy_answer
-from sftune.training import checkpoint, sharded
+from sftune.training import checkpoint, moe, sharded
 from sftune.training.best_model import BestModelTracker, tracks_best
 from sftune.training.interrupt import StopSignals
 from sftune.training.loss import CausalLMWithLoss
@@ -90,6 +90,9 @@ class Trainer:
         # NEFTune noise only around the training micro-batches (training/neftune.py)
         self.training_noise = nullcontext() if not config.neftune_noise_alpha else NEFTune(
             input_embedding(accelerator.unwrap_model(self.loss_model).causal_lm), config.neftune_noise_alpha)
+        # Mixture-of-Experts: the router's balancing loss and expert-load figures (None for a dense model)
+        self.balance = moe.balance_for(loss_model.router, config.router_aux_loss_coef, self.world_size,
+                                       self._reduce_sum)
 
         self.step = 0
         self.num_tokens = 0  # trained tokens so far, all processes
@@ -181,16 +184,23 @@ class Trainer:
         # Data parallelism averages gradients over processes; multiplying by world_size turns that into a sum.
         scale = self.world_size / max(step_tokens, 1)
         step_totals = TokenTotals(self.source_names, self.config.loss_type == "dft", accelerator.device)
+        if self.balance is not None:  # MoE: the step's expert shares, before its first backward (moe.py)
+            self.balance.begin_step(micro_batches, self._routing_forward)
         for i, batch in enumerate(micro_batches):
             sources = batch.pop("source_ids", None)
             last = i == len(micro_batches) - 1
             with nullcontext() if last else accelerator.no_sync(self.loss_model), self.training_noise:
                 out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
-                sharded.backward(accelerator, out["loss_sum"] * scale, last)
+                loss = out["loss_sum"] * scale
+                if self.balance is not None and (aux := self.balance.micro_batch_loss(out["routing"])) is not None:
+                    loss = loss + aux
+                sharded.backward(accelerator, loss, last)
             step_totals.add(out["token_stats"], _trained(sources, batch["targets"]))
             self.reporter.micro_batch_done(i + 1, len(micro_batches))
             if not last and self._stop_asked_within_step():
                 raise _StepAbandoned(i + 1, len(micro_batches))
+        if self.balance is not None:
+            self.balance.end_step()
         blank = accelerator.unwrap_model(self.loss_model).blank_images
         if blank is not None:  # vision (issue 14): no process had images this step: no vision gradients at all
             drop_blank_gradients(accelerator.unwrap_model(self.loss_model),
@@ -207,6 +217,11 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return step_tokens, grad_norm, step_loss
+
+    def _routing_forward(self, batch: Batch) -> moe.Routing:
+        """An MoE model's routing of one micro-batch, without the loss (the balancing loss's pre-pass)."""
+        inputs = {k: v.to(self.accelerator.device) for k, v in batch.items() if k != "source_ids"}
+        return self.loss_model(**inputs, routing_only=True)["routing"]
 
     def _nonfinite(self, grad_norm: float) -> None:
         step = self.step + 1
@@ -228,8 +243,9 @@ class Trainer:
             global_rows = step_rows[start:start + per_micro_step]
             mine = [self.train_rows[i] for i in global_rows[rank * size:(rank + 1) * size]]
             if not mine:  # the epoch's last micro-batch can leave a process without rows; it still joins in
-                mine = [_without_targets(self.train_rows[global_rows[0]])]
-            batches.extend(self.collate(mine))
+                batches.extend(_stand_in(self.collate([_without_targets(self.train_rows[global_rows[0]])])))
+            else:
+                batches.extend(self.collate(mine))
         return batches
 
     # ------------------------------------------------------------------ logging, evaluation, checkpoints
@@ -249,6 +265,8 @@ class Trainer:
             "tokens_per_second": float(sums[:, 0].sum()) / max(self.interval_seconds, 1e-9),
             "peak_memory_mb": round(peak_memory_mb(), 1),
         }
+        if self.balance is not None:
+            metrics.update(self.balance.interval_metrics())
         if self.skipped_steps:
             metrics["skipped_steps"] = self.skipped_steps
         self.reporter.log(metrics)
@@ -266,19 +284,25 @@ class Trainer:
         """Loss, perplexity, token accuracy and entropy on the eval rows, overall and per source."""
         accelerator, size = self.accelerator, self.config.per_device_eval_batch_size
         totals = TokenTotals(self.source_names, dft=False, device=accelerator.device)
+        routing = moe.EvalRouting(self.balance.spec, self.world_size, self._reduce_sum) if self.balance else None
         self.loss_model.eval()
         with torch.no_grad():
             # every process runs the same number of batches (sharded models need all of them in each forward)
             for i in range(math.ceil(len(self.eval_rows) / (size * self.world_size))):
                 start = (i * self.world_size + accelerator.process_index) * size
-                rows = self.eval_rows[start:start + size] or [_without_targets(self.eval_rows[0])]
-                for batch in self.eval_collate(rows):
+                rows = self.eval_rows[start:start + size]
+                batches = (self.eval_collate(rows) if rows else
+                           _stand_in(self.eval_collate([_without_targets(self.eval_rows[0])])))
+                for batch in batches:
                     sources = batch.pop("source_ids", None)
                     out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
                     totals.add(out["token_stats"], _trained(sources, batch["targets"]))
+                    if routing is not None:
+                        routing.add(out["routing"])
         self.loss_model.train()
         metrics = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
-                   **eval_metrics(totals.merged(accelerator), self.source_names)}
+                   **eval_metrics(totals.merged(accelerator), self.source_names),
+                   **(routing.metrics() if routing is not None else {})}
         self.reporter.log(metrics)
         for prompt in self.config.generation_prompts:
             answer = greedy_answer(self.model, self.tokenizer, prompt, self.config.generation_max_new_tokens)
@@ -344,7 +368,8 @@ class Trainer:
             if model_only:
                 state["model_only"] = True
             path = checkpoint.publish_checkpoint(
-                stage, self.step, lambda folder: save_model(self.model, self.saved_with_model, folder, state_dict),
+                stage, self.step, lambda folder: save_model(self.model, self.saved_with_model, folder, state_dict,
+                                                            hub_layout=False),
                 None if sharded.is_sharded(accelerator) or model_only else self.optimizer,
                 None if model_only else self.scheduler, None if model_only else rng_states, state,
                 self.output_dir / CONFIG_FILENAME,
@@ -425,6 +450,9 @@ class Trainer:
         saved = checkpoint.list_checkpoints(self.output_dir)
         return f"the last checkpoint, {saved[-1][1]}, is intact" if saved else "no checkpoint had been saved yet"
 
+    def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum")
+
     def _sum_over_processes(self, value: float) -> float:
         if self.world_size == 1:
             return float(value)
@@ -447,3 +475,10 @@ def _trained(sources: torch.Tensor | None, targets: torch.Tensor) -> torch.Tenso
 
 def _without_targets(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "labels": np.full_like(row["labels"], IGNORE_INDEX)}
+
+
+def _stand_in(batches: list[Batch]) -> list[Batch]:
+    """Batches of a row that only keeps a process in step: no targets, and no token counts as routed (MoE)."""
+    for batch in batches:
+        batch["token_mask"] = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    return batches

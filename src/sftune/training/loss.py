@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sftune.data.render import IGNORE_INDEX
 from sftune.data.vision_inputs import multimodal_position_ids, uses_multimodal_positions
+from sftune.training.moe import router_spec, routing_of
 
 # Tokens per chunk are chosen so that one chunk's fp32 logits hold about this many elements (256 MB).
 CHUNK_ELEMENTS = 1 << 26
@@ -214,6 +215,7 @@ class CausalLMWithLoss(nn.Module):
         # FSDP's auto-wrap policy reads the layer classes that must not be split from the root module
         self._no_split_modules = getattr(self.causal_lm, "_no_split_modules", None)
         self.blank_images = None  # data parallel vision-language training: see training/vision.py
+        self.router = router_spec(self.causal_lm)  # Mixture-of-Experts: see training/moe.py
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -226,11 +228,24 @@ class CausalLMWithLoss(nn.Module):
         targets: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        routing_only: bool = False,
         **model_inputs: torch.Tensor,
     ) -> dict[str, Any]:
-        """`model_inputs`: what else the backbone takes, e.g. a vision-language model's pixel_values."""
+        """`model_inputs`: what else the backbone takes, e.g. a vision-language model's pixel_values.
+
+        An MoE model's output also holds `routing` (training/moe.py), counted over the real tokens: those of
+        `token_mask` (the collator's, for padded rows without an attention mask), else of `attention_mask`.
+        `routing_only` skips the loss and returns only that (the balancing loss's pre-pass)."""
         causal_lm = self.causal_lm
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, **model_inputs)
+        outputs = self.backbone_outputs(input_ids, attention_mask, position_ids, **model_inputs)
+        routing = None
+        if self.router is not None:
+            real = token_mask if token_mask is not None else attention_mask
+            routing = routing_of(outputs.router_logits, real, self.router)
+            if routing_only:
+                return {"routing": routing}
+        hidden = outputs.last_hidden_state
         selected = targets != IGNORE_INDEX
         loss_sum, stats = chunked_lm_loss(
             hidden[selected], causal_lm.get_output_embeddings(), targets[selected], self.transform, self.dft,
@@ -239,11 +254,16 @@ class CausalLMWithLoss(nn.Module):
         if self.blank_images is not None and self.blank_images.needed(model_inputs):
             backbone = getattr(causal_lm, causal_lm.base_model_prefix)
             loss_sum = loss_sum + self.blank_images.zero_loss(backbone, causal_lm.dtype, hidden.device)
-        return {"loss_sum": loss_sum, "num_tokens": selected.sum(), "token_stats": stats}
+        return {"loss_sum": loss_sum, "num_tokens": selected.sum(), "token_stats": stats, "routing": routing}
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, **model_inputs: torch.Tensor) -> torch.Tensor:
         """The backbone's last hidden states for a batch as the collator makes it (no cache, no logits)."""
+        return self.backbone_outputs(input_ids, attention_mask, position_ids, **model_inputs).last_hidden_state
+
+    def backbone_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         position_ids: torch.Tensor | None = None, **model_inputs: torch.Tensor) -> Any:
+        """The backbone's outputs (last hidden states; an MoE model's router logits too)."""
         causal_lm = self.causal_lm
         backbone = getattr(causal_lm, causal_lm.base_model_prefix)
         # Image batches arrive in fp32; the vision tower computes in the model's dtype.
@@ -253,7 +273,9 @@ class CausalLMWithLoss(nn.Module):
             position_ids = multimodal_position_ids(backbone, input_ids, position_ids,
                                                    model_inputs.get("mm_token_type_ids"),
                                                    model_inputs.get("image_grid_thw"))
+        if self.router is not None:  # the router logits of every MoE layer (the backbone records them on request)
+            model_inputs["output_router_logits"] = True
         return backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
             **model_inputs,
-        ).last_hidden_state
+        )
