@@ -116,7 +116,7 @@ def test_neftune_changes_training_but_not_evaluation_or_the_saved_model(tiny_mod
 
     common = dict(max_steps=2, eval_ratio=0.2, eval_strategy="steps", eval_steps=2)
     noisy = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "noisy", neftune_noise_alpha=50.0, **common))
-    plain = train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "plain", **common))
+    train(tiny_config(tiny_model_dir, chat_jsonl, tmp_path / "plain", **common))
     assert not noisy.model.get_input_embeddings()._forward_hooks
     noisy_weights = load_file(tmp_path / "noisy" / "model.safetensors")
     plain_weights = load_file(tmp_path / "plain" / "model.safetensors")

@@ -38,7 +38,9 @@ class NEFTune:
     def _add_noise(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         length, hidden = output.shape[-2], output.shape[-1]
         magnitude = self.alpha / math.sqrt(length * hidden)
-        return output + torch.empty_like(output).uniform_(-magnitude, magnitude)
+        # uniform in [-magnitude, magnitude], written as tensor arithmetic: uniform_ would need the magnitude as a
+        # concrete number, and under torch.compile that recompiles the backbone for every new sequence length
+        return output + (torch.rand_like(output) * 2 - 1) * magnitude
 
 
 def input_embedding(causal_lm: nn.Module) -> nn.Module:
