@@ -366,7 +366,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, values: dict, result_file: s
 
     from sftune import run
 
-    def moe_fsdp2_accelerator():
+    def moe_fsdp2_accelerator(config=None):
         accelerator = fsdp2_accelerator()  # accelerate's FSDP2 state on gloo, as test_fsdp2.py builds it
         accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = ["Qwen3MoeDecoderLayer"]
         return accelerator

@@ -73,7 +73,7 @@ EXAMPLES: dict[str, tuple] = {
     "model_name_or_path": ("Qwen/Qwen3-0.6B",), "model_revision": ("v1",), "dtype": ("bfloat16",),
     "attn_implementation": ("sdpa",), "use_peft": (True,), "lora_r": (8,), "lora_alpha": (16,),
     "lora_dropout": (0.1,), "lora_target_modules": (["q_proj", "v_proj"],),
-    "lora_target_parameters": (["mlp.experts.gate_up_proj"],), "lora_modules_to_save": (["lm_head"],),
+    "lora_target_parameters": (["mlp.experts.gate_up_proj"], {"use_peft": True, "lora_dropout": 0.0}), "lora_modules_to_save": (["lm_head"],),
     "lora_task_type": ("SEQ_CLS",), "use_rslora": (True,), "use_dora": (True,),
     "load_in_8bit": (True, {"use_peft": True}), "load_in_4bit": (True, {"use_peft": True}),
     "bnb_4bit_quant_type": ("fp4",), "use_bnb_nested_quant": (True,), "bnb_4bit_quant_storage": ("bfloat16",),

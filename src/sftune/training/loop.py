@@ -221,7 +221,8 @@ class Trainer:
     def _routing_forward(self, batch: Batch) -> moe.Routing:
         """An MoE model's routing of one micro-batch, without the loss (the balancing loss's pre-pass)."""
         inputs = {k: v.to(self.accelerator.device) for k, v in batch.items() if k != "source_ids"}
-        return self.loss_model(**inputs, routing_only=True)["routing"]
+        with self.training_noise:  # route the inputs as training sees them (NEFTune's noisy embeddings)
+            return self.loss_model(**inputs, routing_only=True)["routing"]
 
     def _nonfinite(self, grad_norm: float) -> None:
         step = self.step + 1
