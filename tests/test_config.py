@@ -67,7 +67,7 @@ def test_saved_config_round_trips(tmp_path):
         ({"per_device_train_batch_sz": 1}, "did you mean 'per_device_train_batch_size'?"),
         ({"max_seq_lenght": 5}, "did you mean 'max_length'?"),
         ({"zzz": 1}, "unknown key 'zzz'"),
-        ({"bf16": True}, "set `dtype: bfloat16` instead"),
+        ({"tf32": True}, "'tf32' is not supported"),
         ({"learning_rate": "fast"}, "'learning_rate' = 'fast': expected a number"),
         ({"learning_rate": True}, "'learning_rate' = True: expected a number"),
         ({"per_device_train_batch_size": 2.5}, "expected a whole number"),
@@ -236,13 +236,13 @@ def test_unquoted_no_in_yaml_is_the_choice_no(tmp_path):
 def test_every_bad_key_of_a_file_is_reported_in_one_line(tmp_path):
     path = tmp_path / "trl.yaml"
     path.write_text("shuffle_dataset: true\nlora_task_type: CAUSAL_LM\nuse_cpu: true\nlearnig_rate: 1.0e-4\n"
-                    "bf16: true\nmax_seq_length: 64\nmax_length: 64\n")
+                    "hub_strategy: end\nmax_seq_length: 64\nmax_length: 64\n")
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{path}: 6 problems: ")
     for part in ("unknown key 'shuffle_dataset'", "unknown key 'lora_task_type'", "unknown key 'use_cpu'",
-                 "unknown key 'learnig_rate' (did you mean 'learning_rate'?)", "'bf16' is not supported",
+                 "unknown key 'learnig_rate' (did you mean 'learning_rate'?)", "'hub_strategy' is not supported",
                  "key 'max_length' is given twice"):
         assert part in message
     assert message.count("did you mean") == 1  # not datasets, loss_type or use_peft for the three foreign keys

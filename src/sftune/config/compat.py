@@ -9,8 +9,6 @@ ALIASES = {
 
 # Keys a TRL / transformers user may bring that sftune does not take, with what to do instead.
 NOT_SUPPORTED = {
-    "bf16": "sftune trains in the dtype the model is loaded in: set `dtype: bfloat16` instead",
-    "fp16": "sftune trains in the dtype the model is loaded in: set `dtype: float16` instead",
     "tf32": "not configurable in sftune; remove it",
     "dataset_kwargs": "sftune detects pre-tokenized rows (an input_ids column) by itself; remove it",
     "hub_token": "a token in the config would be saved with the run: set HF_TOKEN or run `hf auth login` instead",
