@@ -266,3 +266,14 @@ def test_qlora_compute_dtype_follows_the_precision(bf16, bf16_model_dir, data_fi
     assert {p.dtype for p in result.model.parameters() if p.requires_grad} == {torch.float32}  # fp32 masters
     assert np.isfinite(losses(result)).all()
     assert {t.dtype for t in load_file(result.output_dir / "adapter_model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_trl_style_flags_on_the_command_line():
+    """`--bf16` alone means true, as in TRL's CLI; `--bf16_weights kahan` and `--save_dtype` parse too."""
+    from sftune.cli import _parse
+
+    _, overrides = _parse(["train", "--model_name_or_path", "m", "--bf16", "--save_dtype", "float32"])
+    config = SFTConfig.from_dict(overrides)
+    assert (config.bf16, config.fp16, config.save_dtype) == (True, False, "float32")
+    _, overrides = _parse(["train", "--bf16_weights", "kahan", "--fp16", "false"])
+    assert SFTConfig.from_dict(overrides).bf16_weights == "kahan"
