@@ -1,8 +1,8 @@
 """Make a loaded model ready to train: gradient checkpointing, then LoRA / DoRA / rsLoRA adapters through peft.
 
 With adapters the base weights stay frozen (and may be 4- or 8-bit, see model/load.py); only the adapters and
-any `lora_modules_to_save` train, in the dtype the precision plan gives trained weights (sftune/precision.py). `merge_adapter` folds a trained
-adapter back into its base model for a standalone checkpoint.
+any `lora_modules_to_save` train, in the dtype the precision plan gives trained weights (sftune/precision.py).
+`merge_adapter` folds a trained adapter back into its base model for a standalone checkpoint.
 """
 
 from __future__ import annotations
