@@ -105,13 +105,12 @@ def test_fp16_loss_scaling_skips_an_overflow_step_and_recovers(tiny_model_dir, d
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60, backoff_factor=2.0 ** -24)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     history = trainer.fit()
-    assert trainer.skipped_steps >= 1
     assert history[-1]["skipped_steps"] == trainer.skipped_steps
-    assert trainer.scaler.get_scale() < 2.0 ** 60
     assert np.isfinite([e["loss"] for e in history]).all()
+    # 2**60 and 2**36 overflow fp16, 2**12 does not: two steps skipped, then every step updates
+    assert trainer.skipped_steps == 2 and trainer.scaler.get_scale() == 2.0 ** 12
     moved = [name for name, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[name])]
     assert moved, "no update was ever taken"
-    # the skipped steps left the weights alone: a run of the remaining steps alone moves them the same way
     assert history[-1]["loss"] < history[0]["loss"]
 
 
