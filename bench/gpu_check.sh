@@ -69,13 +69,13 @@ if [ $DRY = 0 ] && "$PY" -c "import liger_kernel" 2>/dev/null; then
     timeout 240 "$PY" bench/compare_trl.py "${COMMON[@]}" "${INPUTS[@]}" --scenarios e --runs 1 --liger \
         --workdir "$OUT/work-liger" --markdown "$OUT/results-liger.md" --json "$OUT/results-liger.json" || true
 fi
-# each precision of sftune side by side (fp32, bf16 mixed, pure bf16, bf16 weights + Kahan AdamW): ~2 minutes
+# each precision of sftune side by side (fp32, bf16 mixed, pure bf16, bf16 weights + Kahan AdamW): 4 minutes at most
 if [ $DRY = 1 ]; then
     PRECISION_ARGS=(--device cpu --model-config tiny --steps 4 --batch-size 1 --max-length 64 --threads 1)
 else
     PRECISION_ARGS=(--device cuda --model-config qwen2.5-0.5b --steps 30 --batch-size "$BATCH" --max-length 1024
                     --threads 8 --attn "$ATTN")
 fi
-timeout 300 "$PY" bench/precision.py "${PRECISION_ARGS[@]}" "${INPUTS[@]}" --workdir "$OUT/work-precision" \
+timeout 240 "$PY" bench/precision.py "${PRECISION_ARGS[@]}" "${INPUTS[@]}" --workdir "$OUT/work-precision" \
     --markdown "$OUT/results-precision.md" --json "$OUT/results-precision.json" || true
 echo "results: $OUT/results.md, $OUT/results-precision.md"
