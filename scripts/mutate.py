@@ -117,7 +117,7 @@ MUTANTS = (
     Mutant(
         "masters_not_restored", "a resumed mixed-precision run continues from the bf16 model files, not the fp32 masters",
         "training/checkpoint.py", "        params[name].data.copy_(tensor)", "        pass",
-        ("tests/test_precision.py::test_resume_under_bf16_mixed_precision_equals_the_uninterrupted_run",),
+        ("tests/test_precision.py::test_resume_under_bf16_precisions_equals_the_uninterrupted_run",),
     ),
 )
 

@@ -131,21 +131,27 @@ def test_fp16_overflow_step_leaves_the_weights_unchanged(tiny_model_dir, data_fi
 # ---------------------------------------------------------------- checkpoints, resume, merge
 
 
-def test_resume_under_bf16_mixed_precision_equals_the_uninterrupted_run(bf16_model_dir, data_file, tmp_path):
-    """6 steps straight against 3 + checkpoint + resume + 3, under bf16 autocast on a bf16 checkpoint: the
-    checkpoint's model files are bf16, its master_weights.safetensors the fp32 masters, and the resumed run ends
-    with exactly the same fp32 weights and losses."""
-    settings = dict(bf16=True, max_steps=6, learning_rate=1e-4)
+@pytest.mark.parametrize("precision", [{"bf16": True}, {"bf16_weights": "kahan"}], ids=["bf16-mixed", "kahan"])
+def test_resume_under_bf16_precisions_equals_the_uninterrupted_run(precision, bf16_model_dir, data_file, tmp_path):
+    """6 steps straight against 3 + checkpoint + resume + 3 on a bf16 checkpoint: the checkpoint's model files
+    are bf16; under bf16 autocast its master_weights.safetensors holds the fp32 masters, with Kahan the weights
+    are the bf16 files themselves and the compensation is optimizer state. The resumed run ends with exactly the
+    same weights and losses."""
+    settings = dict(max_steps=6, learning_rate=1e-4, **precision)
     full = train(config_for(bf16_model_dir, data_file, tmp_path / "full", save_strategy="steps", save_steps=3,
                             **settings))
     checkpoint = tmp_path / "full" / "checkpoint-3"
     assert {t.dtype for t in load_file(checkpoint / "model.safetensors").values()} == {torch.bfloat16}
-    assert {t.dtype for t in load_file(checkpoint / MASTER_WEIGHTS).values()} == {torch.float32}
+    trained_dtype = torch.float32 if "bf16" in precision else torch.bfloat16
+    if trained_dtype == torch.float32:
+        assert {t.dtype for t in load_file(checkpoint / MASTER_WEIGHTS).values()} == {torch.float32}
+    else:
+        assert not (checkpoint / MASTER_WEIGHTS).exists()
     resumed = train(config_for(bf16_model_dir, data_file, tmp_path / "resumed",
                                resume_from_checkpoint=str(checkpoint), **settings))
     assert list(losses(resumed)) == list(losses(full))[3:]
     for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
-        assert a.dtype == torch.float32 and torch.equal(a, b), name
+        assert a.dtype == trained_dtype and torch.equal(a, b), name
 
 
 def test_fp16_resume_restores_the_loss_scale(tiny_model_dir, data_file, tmp_path):
@@ -276,3 +282,22 @@ def test_trl_style_flags_on_the_command_line():
     assert (config.bf16, config.fp16, config.save_dtype) == (True, False, "float32")
     _, overrides = _parse(["train", "--bf16_weights", "kahan", "--fp16", "false"])
     assert SFTConfig.from_dict(overrides).bf16_weights == "kahan"
+
+
+def test_vision_language_model_trains_under_bf16_autocast(tiny_llava_dir, tmp_path):
+    """Image batches arrive in fp32 and meet fp32 masters under bf16 autocast: the loss falls, the files stay fp32
+    (the tiny LLaVA's own dtype)."""
+    from conftest import random_images
+    from vision_families import assistant, user
+
+    (tmp_path / "img").mkdir()
+    for i, image in enumerate(random_images(2)):
+        image.save(tmp_path / "img" / f"{i}.png")
+    rows = [{"images": [f"img/{i}.png"], "messages": [user(None, "what is this"), assistant(answer)]}
+            for i, answer in enumerate(["a cat on the mat", "a dog in the rain"])]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    result = train(SFTConfig(model_name_or_path=str(tiny_llava_dir), dataset_name=str(data), max_length=128,
+                             output_dir=str(tmp_path / "run"), report_to=["none"], max_steps=4, logging_steps=1,
+                             learning_rate=3e-3, per_device_train_batch_size=2, bf16=True, save_strategy="no"))
+    assert losses(result)[-1] < losses(result)[0]
+    assert {t.dtype for t in load_file(result.output_dir / "model.safetensors").values()} == {torch.float32}
