@@ -301,3 +301,17 @@ def test_vision_language_model_trains_under_bf16_autocast(tiny_llava_dir, tmp_pa
                              learning_rate=3e-3, per_device_train_batch_size=2, bf16=True, save_strategy="no"))
     assert losses(result)[-1] < losses(result)[0]
     assert {t.dtype for t in load_file(result.output_dir / "model.safetensors").values()} == {torch.float32}
+
+
+def test_a_resume_with_precision_unset_keeps_the_precision_its_run_chose(tiny_model_dir, data_file, tmp_path):
+    """A run whose machine chose bf16 (here: set, as a GPU would choose it), resumed by a config that leaves the
+    precision unset: it continues under bf16 autocast, so its steps equal the uninterrupted run's exactly (under
+    the fp32 this CPU would choose they would not)."""
+    from sftune.config import load_config
+
+    full = train(config_for(tiny_model_dir, data_file, tmp_path / "full", bf16=True, max_steps=4,
+                            save_strategy="steps", save_steps=2))
+    resumed = train(config_for(tiny_model_dir, data_file, tmp_path / "resumed", max_steps=4,
+                               resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2")))
+    assert list(losses(resumed)) == list(losses(full))[2:]
+    assert load_config(resumed.output_dir / "sftune_config.yaml").bf16 is True
