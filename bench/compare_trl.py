@@ -41,7 +41,9 @@ mode: 2,000 conversations (1.07M tokens after truncation to 1024), max_length 10
 Run:  .venv/bin/pip install -e ".[bench]"
       .venv/bin/python bench/compare_trl.py --quick                      # a, e; ~6 min
       .venv/bin/python bench/compare_trl.py --scenarios a,b,c,d,e,eg --runs 3 --markdown results.md
-GPU:  --device cuda --model-config qwen2.5-0.5b --dtype bfloat16 (see bench/gpu_check.sh)
+GPU:  --device cuda --model-config qwen2.5-0.5b --dtype bfloat16 (see bench/gpu_check.sh): a bf16 checkpoint, trained
+      by both tools with fp32 master weights and bf16 autocast (--precision bf16-mixed, the default for bf16; or
+      pure-bf16: bf16 weights for both)
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class Job:
     assistant_template: str = ""
     liger: bool = False
     batch_size: int = 8
+    precision: str = "fp32"  # fp32 | bf16-mixed | pure-bf16 (PRECISIONS)
 
 
 @dataclass
@@ -122,10 +125,21 @@ class RunResult:
 
 # ---------------------------------------------------------------- settings of each tool, per scenario
 
+# The same precision for both tools: TRL's bf16 flag autocasts over whatever dtype the model is loaded in, so its
+# fp32 master weights come from loading in fp32 (TRL's CLI default); sftune's bf16 upcasts the trained weights itself.
+PRECISIONS = {
+    "fp32": ({"bf16": False}, {"bf16": False, "dtype": "float32"}),
+    "bf16-mixed": ({"bf16": True}, {"bf16": True, "dtype": "float32"}),
+    "pure-bf16": ({"bf16_weights": "plain"}, {"bf16": True, "dtype": "bfloat16"}),
+}
+
+
 def sftune_settings(job: Job) -> dict:
     s = job.scenario
     settings = dict(model_name_or_path=job.model_dir, dataset_name=job.data_file, output_dir=job.output_dir,
                     num_train_epochs=1, dtype=job.dtype, overwrite_output_dir=True, report_to=[])
+    if "bf16" in _sftune_fields():  # the precision field (issue 13)
+        settings.update(PRECISIONS[job.precision][0])
     if s == "d":
         return settings
     settings.update(max_length=job.max_length, per_device_train_batch_size=job.batch_size,
@@ -158,10 +172,10 @@ def _sftune_fields() -> set[str]:
 
 def trl_settings(job: Job) -> dict:
     s = job.scenario
-    bf16 = job.dtype == "bfloat16"
-    settings = dict(output_dir=job.output_dir, num_train_epochs=1, bf16=bf16, fp16=False, report_to="none",
+    trl = PRECISIONS[job.precision][1]
+    settings = dict(output_dir=job.output_dir, num_train_epochs=1, bf16=trl["bf16"], fp16=False, report_to="none",
                     save_strategy="no", use_cpu=job.device == "cpu", disable_tqdm=True,
-                    model_init_kwargs={"dtype": job.dtype})
+                    model_init_kwargs={"dtype": trl["dtype"]})
     if s == "d":
         return settings
     settings.update(max_length=job.max_length, per_device_train_batch_size=job.batch_size,
@@ -449,13 +463,13 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b and a == a and b == b else float("nan")
 
 
-def markdown_table(rows: list[dict], gpu: bool, peak_label: str) -> str:
+def markdown_table(rows: list[dict], gpu: bool, peak_label: str, precision: str = "fp32") -> str:
     memory = "peak GPU MB" if gpu else "peak RSS MB"
     key = "peak_gpu_mb" if gpu else "peak_rss_mb"
     lines = [
         f"| scenario | runs | wall s sftune / TRL | ratio | trained tok/s sftune / TRL | ratio | {memory} sftune / TRL "
-        f"| ratio | model FLOPs / {peak_label} sftune / TRL |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| ratio | model FLOPs / {peak_label} sftune / TRL | precision |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         o, t, q = r["sftune"], r["trl"], r["ratio"]
@@ -463,7 +477,7 @@ def markdown_table(rows: list[dict], gpu: bool, peak_label: str) -> str:
             f"| {r['scenario']}: {r['description']} | {o['runs']}/{t['runs']} | {o['wall_s']:.1f} / {t['wall_s']:.1f} "
             f"| {q['wall_s']:.2f} | {o['tokens_per_s']:.1f} / {t['tokens_per_s']:.1f} | {q['tokens_per_s']:.2f} "
             f"| {o[key]:.0f} / {t[key]:.0f} | {q[key]:.2f} "
-            f"| {o['flops_fraction']:.1%} / {t['flops_fraction']:.1%} |"
+            f"| {o['flops_fraction']:.1%} / {t['flops_fraction']:.1%} | {precision} |"
         )
     return "\n".join(lines)
 
@@ -478,7 +492,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both tools (and the matmul)")
     parser.add_argument("--quick", action="store_true", help="16 conversations, max_length 256, 1 run, scenarios a,e")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype the random model is saved in (the checkpoint's dtype)")
+    parser.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                        help="the same for both tools (default: fp32 for a float32 model, else bf16-mixed, TRL's "
+                             "and sftune's default on a GPU)")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation for both tools")
     parser.add_argument("--model-config", default="smollm2-135m", choices=["smollm2-135m", "qwen2.5-0.5b", "tiny"])
     parser.add_argument("--liger", action="store_true", help="use_liger_kernel for both tools (GPU only)")
@@ -509,6 +527,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
     runs = args.runs or (1 if quick else 3)
+    precision = args.precision or ("fp32" if args.dtype == "float32" else "bf16-mixed")
     conversations = args.conversations or (16 if quick else 2000)
     max_length = args.max_length or (256 if quick else 1024)
     tools = args.tools.split(",")
@@ -541,7 +560,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for tool in order:
                 job = Job(tool, s, str(model_dir), str(data_file), str(workdir / f"out-{tool}-{s}-{run}"),
                           max_length, args.threads, args.device, args.dtype, args.attn, str(template), args.liger,
-                          args.batch_size)
+                          args.batch_size, precision)
                 result = run_child(job, workdir, index)
                 index += 1
                 results.append(result)
@@ -553,7 +572,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         machine_gflops = statistics.median([machine_gflops, matmul_gflops(args.threads, device=args.device,
                                                                           dtype=args.dtype)])
     summary = summarize(results, scenarios, params, machine_gflops, peak_label)
-    table = markdown_table(summary, args.device == "cuda", peak_label)
+    table = markdown_table(summary, args.device == "cuda", peak_label, precision)
     print()
     print(table)
     print(f"\nratio = sftune / TRL (wall and memory: lower is better for sftune; tokens/s: higher). "
@@ -561,7 +580,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.markdown:
         Path(args.markdown).write_text(
             f"{versions}; {args.threads} thread(s); {len(rows)} conversations, max_length {max_length}; "
-            f"{args.model_config}, {args.dtype}, {args.device}; {peak_label} {machine_gflops:.1f} GFLOP/s\n\n{table}\n")
+            f"{args.model_config}, {args.dtype}, {precision}, {args.device}; {peak_label} {machine_gflops:.1f} GFLOP/s\n\n{table}\n")
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "runs": [asdict(r) for r in results],
                                                "machine_gflops": machine_gflops}, indent=1))

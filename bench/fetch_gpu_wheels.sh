@@ -2,7 +2,7 @@
 # Run on a machine WITH PyPI access (and the sftune assets: `make assets`), before going to a GPU machine
 # without internet. Fills bench/wheels/ (git-ignored, never committed) with:
 #   - Linux x86_64 wheels of everything bench/gpu_check.sh installs: CUDA torch, transformers, peft, datasets,
-#     accelerate, safetensors, trl 1.16.0, liger-kernel (and their dependencies), setuptools for the editable
+#     accelerate, safetensors, trl 1.16.0, liger-kernel, torch-optimi (and their dependencies), setuptools for the editable
 #     install of sftune;
 #   - bench/wheels/inputs/: SmolLM2's config, tokenizer and chat template and 2,000 chit-chat conversations.
 # Then copy the whole repository (with bench/wheels/) to the GPU machine and run bench/gpu_check.sh there.
@@ -21,7 +21,7 @@ DEST=bench/wheels
 mkdir -p "$DEST"
 # sftune's own dependencies, read from pyproject.toml (Python 3.11+: tomllib; torch replaced by $TORCH), then the benchmark's
 mapfile -t packages < <("$PY" -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if not d.startswith("torch")))')
-packages=("$TORCH" "${packages[@]}" "trl==1.16.0" "liger-kernel" "setuptools>=68" "wheel")
+packages=("$TORCH" "${packages[@]}" "trl==1.16.0" "liger-kernel" "torch-optimi" "setuptools>=68" "wheel")
 # --platform/--python-version fetch Linux x86_64 wheels whatever this machine is; PyPI's default torch for
 # Linux x86_64 is the CUDA build, which is what the GPU machine needs.
 "$PY" -m pip download --dest "$DEST" --only-binary=:all: --python-version "$PYVER" \

@@ -39,9 +39,8 @@ class Mutant:
 MUTANTS = (
     Mutant(
         "ga_normalisation", "each micro-batch normalised by its own trained tokens, not the whole step's",
-        "training/loop.py", 'sharded.backward(accelerator, out["loss_sum"] * scale, last)',
-        'sharded.backward(accelerator, out["loss_sum"] * self.world_size '
-        '/ max(int((batch["targets"] != IGNORE_INDEX).sum()), 1), last)',
+        "training/loop.py", 'loss = out["loss_sum"] * scale',
+        'loss = out["loss_sum"] * self.world_size / max(int((batch["targets"] != IGNORE_INDEX).sum()), 1)',
         ("tests/test_invariants.py::test_gradient_accumulation_equals_one_big_batch",),
     ),
     Mutant(
@@ -151,6 +150,22 @@ MUTANTS = (
         "data/prepare.py", "sizes.update(train=[len(s.train) for s in sources]",
         "sizes.update(train=[len(s.rows.rows) for s in sources]",
         ("tests/test_dry_run.py::test_dry_run_steps_match_the_run",),
+    ),
+    Mutant(
+        "no_fp32_masters", "bf16 mixed precision trains the bf16 weights themselves (no fp32 master copies)",
+        "precision.py", "target = plan.trained_dtype if param.requires_grad else plan.frozen_dtype",
+        "target = plan.frozen_dtype",
+        ("tests/test_precision.py::test_fp32_masters_and_kahan_keep_small_updates_that_pure_bf16_loses",),
+    ),
+    Mutant(
+        "kahan_off", "bf16_weights: kahan runs torch-optimi's AdamW without its Kahan compensation",
+        "training/optim.py", "kahan_sum=True", "kahan_sum=False",
+        ("tests/test_precision.py::test_fp32_masters_and_kahan_keep_small_updates_that_pure_bf16_loses",),
+    ),
+    Mutant(
+        "masters_not_restored", "a resumed mixed-precision run continues from the bf16 model files, not the fp32 masters",
+        "training/checkpoint.py", "        params[name].data.copy_(tensor)", "        pass",
+        ("tests/test_precision.py::test_resume_under_bf16_precisions_equals_the_uninterrupted_run",),
     ),
 )
 

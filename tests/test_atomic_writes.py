@@ -115,8 +115,8 @@ def test_merge_never_replaces_a_folder_with_half_a_model(tiny_model_dir, tmp_pat
 
     real_write = save.write_model
 
-    def write_then_fail(model, tokenizer, folder, state_dict=None):
-        real_write(model, tokenizer, folder, state_dict)
+    def write_then_fail(model, tokenizer, folder, state_dict=None, **kwargs):
+        real_write(model, tokenizer, folder, state_dict, **kwargs)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(save, "write_model", write_then_fail)

@@ -66,6 +66,7 @@ def test_summary_medians_ratios_and_table(bench):
     assert math.isnan(row["ratio"]["peak_gpu_mb"])
     table = bench.markdown_table([row], gpu=False, peak_label="matmul rate")
     assert "| a: loss on all tokens | 3/3 | 12.0 / 24.0 | 0.50 | 20.0 / 10.0 | 2.00 | 1000 / 2000 | 0.50 |" in table
+    assert table.splitlines()[0].endswith("| precision |") and table.splitlines()[2].endswith("| fp32 |")
 
 
 @pytest.mark.parametrize("scenario", ["a", "b", "c", "d", "e", "eg"])
@@ -95,3 +96,30 @@ def test_assistant_template_marks_exactly_the_assistant_turns(bench, smollm2_dir
                                         return_dict=True)
     trained = tokenizer.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
     assert trained == "hello<|im_end|>see you<|im_end|>"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "pure-bf16"])
+def test_both_tools_train_in_the_same_precision(bench, precision):
+    """TRL's fp32 masters come from loading in fp32 (its bf16 flag only autocasts); sftune's from its own plan."""
+    from sftune.precision import plan_precision
+
+    job = bench.Job("sftune", "a", "model", "data.jsonl", "out", 512, 1, dtype="bfloat16", precision=precision)
+    ours, theirs = SFTConfig(**bench.sftune_settings(job)), bench.trl_settings(job)
+    assert theirs["bf16"] == (precision != "fp32")
+    assert theirs["model_init_kwargs"]["dtype"] == ("bfloat16" if precision == "pure-bf16" else "float32")
+    mode = plan_precision(ours, "cuda", bf16_supported=True).mode
+    assert mode == {"fp32": "fp32", "bf16-mixed": "bf16", "pure-bf16": "bf16_plain"}[precision]
+
+
+def test_precision_bench_table():
+    spec = importlib.util.spec_from_file_location("precision_bench", BENCH.parent / "precision.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    runs = [{"precision": "bf16-mixed", "tokens_per_s": t, "peak_memory_mb": 1000, "loss": 2.0, "changed": 0.8}
+            for t in (100, 300, 200)]
+    runs += [{"precision": "kahan", "tokens_per_s": 100, "peak_memory_mb": 600, "loss": 2.0, "changed": 0.78},
+             {"precision": "kahan", "error": "boom"}]
+    rows = module.summarize(runs, ["bf16-mixed", "kahan"])
+    assert [r["runs"] for r in rows] == [3, 1] and rows[0]["tokens_per_s"] == 200
+    table = module.markdown_table(rows, gpu=True)
+    assert "| kahan | `bf16_weights: kahan` | 1 | 100 | 0.50 | 600 | 0.60 | 2.0000 | 78.0% |" in table

@@ -77,7 +77,9 @@ def make_accelerator(config: SFTConfig) -> Any:
     import torch
     from accelerate import Accelerator
 
-    return Accelerator(cpu=config.use_cpu or not torch.cuda.is_available())
+    # mixed_precision="no": sftune runs autocast and loss scaling itself (sftune/precision.py); accelerate's own would
+    # scale the loss a second time. `accelerate launch --mixed_precision X` still chooses when bf16/fp16 are unset.
+    return Accelerator(cpu=config.use_cpu or not torch.cuda.is_available(), mixed_precision="no")
 
 
 def log_plan(plan: BatchingPlan) -> None:
@@ -100,6 +102,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     from sftune.export.hub import check_push_settings
     from sftune.model.adapters import prepare_for_training
     from sftune.model.liger import check_liger
+    from sftune.precision import log_precision, plan_precision
     from sftune.data.collate import make_collator
     from sftune.model.load import load_model, load_processor, load_tokenizer
     from sftune.training import sharded
@@ -124,6 +127,11 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     check_liger(config)
     plan = plan_batching(config, device_type=accelerator.device.type, engine=sharded.engine_of(accelerator),
                          num_processes=accelerator.num_processes)  # impossible combinations fail here
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    precision = plan_precision(config, accelerator.device.type, engine=sharded.engine_of(accelerator),
+                               launcher=launcher)
+    if precision.chosen:  # resolved, so that the saved config repeats the choice on any machine
+        config.bf16, config.fp16 = precision.bf16, precision.fp16
     processor = load_processor(config)  # None for text-only models
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
     with accelerator.main_process_first():  # the main process prepares and caches; the others read the cache
@@ -137,13 +145,13 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     if config.eval_on_start and not data.eval_rows:
         raise UserError("eval_on_start: true, but there is no eval data: set dataset_test_split or eval_ratio (or "
                         "pass eval_dataset), or set eval_on_start: false")
-    model = load_model(config, device=accelerator.device)
+    model = load_model(config, device=accelerator.device, precision=precision)
     fit_model_to_tokenizer(model, tokenizer)  # embeddings for tokens the template added; the EOS stops generation
     model = prepare_for_training(model, config)
 
     trainer = Trainer(model, tokenizer, data.train_rows, data.eval_rows, data.source_names, config, accelerator,
                       output_dir, plan, make_collator(plan, tokenizer, processor), processor=processor,
-                      eval_collate=make_collator(plan, tokenizer, processor, evaluation=True))
+                      eval_collate=make_collator(plan, tokenizer, processor, evaluation=True), precision=precision)
     if accelerator.is_main_process:  # only now, so that a run that failed to start leaves output_dir as it was
         claim_output_dir(config, resume_from)
     accelerator.wait_for_everyone()
@@ -156,6 +164,7 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
         log.warning("num_processes: %d in the config, but this run has %d process(es): the config's launch keys "
                     "take effect through `sftune train CONFIG` (or `accelerate launch`)", wanted,
                     accelerator.num_processes)
+    log_precision(precision, launcher)
     log.info("training: %d steps (%d per epoch)", trainer.total_steps, trainer.steps_per_epoch)
     competition.report(threads, why_threads, computing_on_cpu=accelerator.device.type == "cpu")
     started = time.perf_counter()

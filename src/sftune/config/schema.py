@@ -225,4 +225,5 @@ def field_help() -> list[tuple[str, str, Any, str, str]]:
 
 
 def field_is_bool(name: str) -> bool:
-    return type_hints()[name] is bool
+    """A flag that may stand alone on the command line (`--bf16` for `--bf16 true`): bool, or bool | None."""
+    return type_hints()[name] in (bool, bool | None)

@@ -96,6 +96,32 @@ class TrainingSettings:
         "forward passes only (evaluation, generation and the saved model never see it); TRL suggests 5. Unset: off.",
         "training",
     )
+    # precision (issue 13): TRL's bf16 / fp16 flags, bf16 weights without fp32 masters, the dtype files are saved in
+    bf16: bool | None = opt(
+        None,
+        "bf16 mixed precision (TRL's meaning): fp32 master weights, forward and backward autocast to bf16. Unset: on "
+        "for a CUDA GPU with bf16 support, off (fp32) elsewhere; the run's saved config holds the choice.",
+        "training",
+    )
+    fp16: bool = opt(
+        False,
+        "fp16 mixed precision: fp32 master weights, fp16 autocast and dynamic loss scaling; a step whose gradients "
+        "overflow is skipped and counted in the metrics (skipped_steps).",
+        "training",
+    )
+    bf16_weights: Literal["kahan", "plain"] | None = opt(
+        None,
+        "Keep the trained weights themselves in bf16, without fp32 master copies (4 bytes a weight less, bf16 "
+        "optimizer moments): kahan: AdamW with Kahan-compensated updates (torch-optimi), which keeps small updates; "
+        "plain: plain updates in bf16, which round most small updates away. Unset: fp32 master weights.",
+        "training",
+    )
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto",
+        "Dtype of the saved model, adapters, merged models and checkpoints' model files; auto: the dtype the weights "
+        "were loaded in (the checkpoint's own with dtype: auto). Checkpoints also keep the fp32 master weights.",
+        "training",
+    )
 
     def _check_training(self, problems: Problems) -> None:
         need = problems.need
@@ -122,3 +148,18 @@ class TrainingSettings:
                          "loss_type: dft (DFT weights each token by its own probability): set one of them")
         need(self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0, "router_aux_loss_coef",
              "must be >= 0 (0 turns the balancing loss off)")
+        self._check_precision(problems)
+
+    def _check_precision(self, problems: Problems) -> None:
+        """Contradictory precision keys; what the machine cannot do is refused by the precision plan."""
+        if self.bf16 and self.fp16:
+            problems.add("config keys 'bf16' and 'fp16' are both true: keep one of them")
+        if self.bf16_weights is not None and self.fp16:
+            problems.add(f"config key 'bf16_weights' = {self.bf16_weights!r} trains in bf16, but fp16 is true: "
+                         "keep one of them")
+        if self.bf16_weights is not None and self.bf16 is False:
+            problems.add(f"config key 'bf16_weights' = {self.bf16_weights!r} trains in bf16, but bf16 is false: "
+                         "drop bf16: false (or bf16_weights)")
+        if self.bf16_weights == "kahan" and self.optim not in ("adamw_torch", "adamw_torch_fused"):
+            problems.add(f"config key 'bf16_weights' = 'kahan' is an AdamW of its own (torch-optimi), but optim is "
+                         f"{self.optim!r}: set optim: adamw_torch, or drop bf16_weights")

@@ -278,7 +278,8 @@ TRL_KEY = {key.name: key for key in TRL_KEYS}
 DEFAULTS_UNLIKE_TRL = {
     "activation_checkpointing": "TRL turns it on (gradient_checkpointing: true); sftune leaves it off, since it "
                                 "costs about a third more time and small runs do not need the memory",
-    "dtype": "TRL loads float32 weights and autocasts; sftune keeps the checkpoint's own dtype",
+    "dtype": "TRL loads float32 weights; sftune loads the checkpoint's own dtype and, like TRL, trains fp32 master "
+             "weights (bf16 autocast on a GPU with bf16, plain fp32 on CPU)",
     "dataset_test_split": "TRL evaluates on 'test' when eval_strategy is set; sftune evaluates only on a split "
                           "you name (or eval_ratio)",
 }

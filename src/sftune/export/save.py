@@ -13,9 +13,12 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from sftune.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 # peft writes a model card template with every adapter; sftune's own card (export/card.py) replaces it.
 PEFT_CARD = "README.md"
@@ -41,18 +44,19 @@ def staged_into(target: Path) -> Iterator[Path]:
 
 
 def save_model(model: Any, tokenizer: Any, output_dir: Path, state_dict: dict[str, Any] | None = None,
-               hub_layout: bool = True) -> None:
+               hub_layout: bool = True, dtype: torch.dtype | None = None) -> None:
     """The model (or its adapter) and the tokenizer or processor, into output_dir (a run folder).
 
     `state_dict` gives the full weights when the model in memory is sharded (FSDP, DeepSpeed ZeRO-3).
-    `hub_layout` False keeps a full model's weights as they are in memory (a checkpoint: see write_model).
+    `hub_layout` False keeps a full model's weights as they are in memory (a checkpoint: see write_model); `dtype`
+    is the dtype of the saved weights (the run's save dtype: fp32 masters are written as bf16 for a bf16 checkpoint).
     """
     with staged_into(output_dir) as stage:
-        write_model(model, tokenizer, stage, state_dict, hub_layout)
+        write_model(model, tokenizer, stage, state_dict, hub_layout, dtype)
 
 
 def save_new_folder(model: Any, tokenizer: Any, target: Path, overwrite: bool = False,
-                    extra_files: dict[str, str] | None = None) -> None:
+                    extra_files: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
     """Write a model into `target`, which must not exist or be empty unless `overwrite`, in one step.
 
     Everything is written to a hidden sibling folder first and renamed to `target` at the end, so `target`
@@ -67,7 +71,7 @@ def save_new_folder(model: Any, tokenizer: Any, target: Path, overwrite: bool = 
     stage = target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
-        write_model(model, tokenizer, stage)
+        write_model(model, tokenizer, stage, dtype=dtype)
         for name, text in (extra_files or {}).items():
             (stage / name).write_text(text, encoding="utf-8")
         if target.is_dir() and any(target.iterdir()):
@@ -82,7 +86,9 @@ def save_new_folder(model: Any, tokenizer: Any, target: Path, overwrite: bool = 
 
 
 def write_model(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, Any] | None = None,
-                hub_layout: bool = True) -> None:
+                hub_layout: bool = True, dtype: torch.dtype | None = None) -> None:
+    if dtype is not None:
+        state_dict = state_dict_in(model, dtype, state_dict)
     # save_pretrained empties a state_dict it is given (transformers 5), so it gets a copy
     options = {"state_dict": dict(state_dict)} if state_dict is not None else {}
     if not hub_layout and not hasattr(model, "peft_config"):
@@ -91,6 +97,8 @@ def write_model(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, 
         # key for key. from_pretrained reads both layouts.
         options["save_original_format"] = False
     model.save_pretrained(folder, **options)
+    if dtype is not None and not hasattr(model, "peft_config"):
+        label_config_dtype(model.config, dtype, folder)
     if hasattr(model, "peft_config"):
         (folder / PEFT_CARD).unlink(missing_ok=True)
         generation = getattr(model, "generation_config", None)
@@ -98,6 +106,44 @@ def write_model(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, 
             generation.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     give_normal_permissions(folder)
+
+
+def state_dict_in(model: Any, dtype: torch.dtype, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The weights to save, with floating-point tensors in `dtype`. Only tensors of another dtype are copied (a
+    frozen bf16 base is passed as it is); for a peft model only the trained ones, which are all its adapter saves.
+    Tensors that share storage (tied embeddings) stay one tensor, so transformers still saves them once."""
+    import torch
+
+    state = state_dict if state_dict is not None else model.state_dict()
+    trained = {name for name, p in model.named_parameters() if p.requires_grad} \
+        if hasattr(model, "peft_config") else None
+    converted: dict[int, torch.Tensor] = {}
+    out = {}
+    for key, tensor in state.items():
+        if (isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dtype != dtype
+                and (trained is None or key in trained)):
+            pointer = tensor.data_ptr()
+            if pointer not in converted:
+                converted[pointer] = tensor.detach().to(dtype)
+            tensor = converted[pointer]
+        out[key] = tensor
+    return out
+
+
+def label_config_dtype(config: Any, dtype: torch.dtype, folder: Path) -> None:
+    """config.json says the dtype of the weights in the files, not the one in memory: transformers writes the
+    model's own (fp32 masters), and `from_pretrained(dtype="auto")` would load bf16 files as fp32 from it."""
+    name = str(dtype).removeprefix("torch.")
+    configs = [config, *(getattr(config, key) for key in getattr(config, "sub_configs", {}) if
+                         getattr(config, key, None) is not None)]
+    previous = [c.dtype for c in configs]
+    try:
+        for c in configs:
+            c.dtype = name
+        config.save_pretrained(folder)
+    finally:
+        for c, value in zip(configs, previous):
+            c.dtype = value
 
 
 def give_normal_permissions(folder: Path) -> None:

@@ -1,8 +1,8 @@
 """Make a loaded model ready to train: gradient checkpointing, then LoRA / DoRA / rsLoRA adapters through peft.
 
-With adapters the base weights stay frozen (and may be 4- or 8-bit, see model/load.py); only the adapters,
-kept in the model's compute dtype, and any `lora_modules_to_save` train. `merge_adapter` folds a trained
-adapter back into its base model for a standalone checkpoint.
+With adapters the base weights stay frozen (and may be 4- or 8-bit, see model/load.py); only the adapters and
+any `lora_modules_to_save` train, in the dtype the precision plan gives trained weights (sftune/precision.py).
+`merge_adapter` folds a trained adapter back into its base model for a standalone checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from sftune.config import CONFIG_FILENAME, SFTConfig, load_config
 from sftune.errors import ConfigError, UserError
 from sftune.model.load import (
     IMAGE_TEXT_TO_TEXT,
-    compute_dtype,
     first_line,
     load_model,
     load_processor,
@@ -76,8 +75,8 @@ def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
     """Wrap `model` in a peft model with new LoRA adapters, or with the adapter at config.adapter_name_or_path."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    # autocast_adapter_dtype=False: peft would otherwise train bf16/fp16 adapters in fp32; sftune trains in the
-    # dtype the model is loaded in, so the adapters take the dtype of the layer they adapt (see below for kbit).
+    # autocast_adapter_dtype=False: the adapters take the dtype of the layer they adapt (fp32 on a quantized
+    # layer); the precision plan then sets the dtype of every trained weight (sftune/precision.py).
     if config.adapter_name_or_path:
         check_adapter_files(config.adapter_name_or_path, config.allow_pickled_weights, "adapter_name_or_path")
         try:
@@ -125,15 +124,6 @@ def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
             f" and the parameters {','.join(config.lora_target_parameters)}" if config.lora_target_parameters else "",
         )
     report_frozen_experts(model)
-    if config.load_in_4bit or config.load_in_8bit:
-        # A quantized layer has an integer weight, so peft leaves the new adapter in fp32: bring it, and any
-        # module trained in full, to the dtype the quantized layers compute in. (peft's
-        # prepare_model_for_kbit_training is not used: it would upcast every unquantized weight of the frozen
-        # base to fp32, costing memory and mixing dtypes, and switch on gradient checkpointing unasked.)
-        dtype = compute_dtype(config)
-        for param in model.parameters():
-            if param.requires_grad and param.dtype != dtype:
-                param.data = param.data.to(dtype)
     return model
 
 
@@ -251,7 +241,8 @@ def merge_adapter(run_dir: str | Path, output: str | Path, overwrite: bool = Fal
     """Fold the adapter saved in `run_dir` into its base model and write a full model to `output` (a new folder).
 
     The base is loaded unquantized, in the run's dtype, even when the adapter was trained on a 4- or 8-bit base:
-    merging into quantized weights would round the update away. The merged model keeps the run's generation
+    merging into quantized weights would round the update away. The merged model is written in the run's
+    save_dtype (unset: the base checkpoint's dtype). The merged model keeps the run's generation
     config, so it stops at the end-of-turn token the adapter was trained to write.
     """
     from sftune.export.save import save_new_folder
@@ -264,9 +255,20 @@ def merge_adapter(run_dir: str | Path, output: str | Path, overwrite: bool = Fal
     model, saved_with = load_adapter_run(run_dir)
     with _quiet_peft():
         merged = model.merge_and_unload()
-    save_new_folder(merged, saved_with, output, overwrite=overwrite, extra_files=merge_marker(run_dir))
+    save_new_folder(merged, saved_with, output, overwrite=overwrite, extra_files=merge_marker(run_dir),
+                    dtype=merged_dtype(run_dir))
     log.info("saved the merged model to %s", output)
     return output
+
+
+def merged_dtype(run_dir: Path) -> Any:
+    """The run's save_dtype; None ('auto', or a run sftune did not train): the dtype the base loads in, which the
+    merged weights already have (peft merges each update into the base weight's own dtype)."""
+    import torch
+
+    saved = run_dir / CONFIG_FILENAME
+    name = load_config(saved).save_dtype if saved.is_file() else "auto"
+    return None if name == "auto" else getattr(torch, name)
 
 
 def load_adapter_run(run_dir: Path) -> tuple[Any, Any]:

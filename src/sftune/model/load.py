@@ -18,6 +18,8 @@ from sftune.errors import ConfigError, UserError
 if TYPE_CHECKING:
     import torch
 
+    from sftune.precision import PrecisionPlan
+
 log = logging.getLogger("sftune")
 
 SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -174,8 +176,12 @@ def torch_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def load_model(config: SFTConfig, device: torch.device | str | None = None, quiet: bool = False) -> Any:
+def load_model(config: SFTConfig, device: torch.device | str | None = None, quiet: bool = False,
+               precision: PrecisionPlan | None = None) -> Any:
     """The pretrained model in the configured dtype, attention kernel and quantization.
+
+    `precision` (the run's plan) sets the dtype quantized layers compute in; unset, the plan for this config on a
+    CPU. The weights are loaded in config.dtype either way: the training loop brings them to the plan's dtypes.
 
     `device` places a quantized model directly (bitsandbytes weights are quantized as they are loaded, and an
     8-bit model cannot be moved afterwards); other models are moved by the training loop. `quiet` leaves out the
@@ -191,10 +197,13 @@ def load_model(config: SFTConfig, device: torch.device | str | None = None, quie
         kwargs["use_safetensors"] = True  # a Hub repository with only pickled weights fails instead of unpickling
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
-    quantization = quantization_config(config)
+    if precision is None:
+        from sftune.precision import plan_precision
+
+        precision = plan_precision(config, "cpu")
+    quantization = quantization_config(config, precision.compute_dtype)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        kwargs["dtype"] = compute_dtype(config)  # of the layers left unquantized (norms, embeddings, head)
         if device is not None:
             kwargs["device_map"] = {"": device}
     kwargs.update(_init_kwargs(config))
@@ -248,20 +257,9 @@ def _init_kwargs(config: SFTConfig) -> dict[str, Any]:
     return extra
 
 
-def compute_dtype(config: SFTConfig) -> torch.dtype:
-    """The dtype quantized layers compute in: config.dtype, or the checkpoint's own dtype when 'auto'."""
-    import torch
-
-    if config.dtype != "auto":
-        return getattr(torch, config.dtype)
-    stored = getattr(load_model_config(config), "dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
-
-
-def quantization_config(config: SFTConfig) -> Any | None:
-    """bitsandbytes settings for load_in_4bit / load_in_8bit; None for an unquantized model."""
+def quantization_config(config: SFTConfig, compute_dtype: torch.dtype) -> Any | None:
+    """bitsandbytes settings for load_in_4bit / load_in_8bit; None for an unquantized model. 4-bit layers compute
+    in `compute_dtype`, the precision plan's (bf16 under bf16 mixed precision, fp32 under fp32)."""
     if not (config.load_in_4bit or config.load_in_8bit):
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -278,7 +276,7 @@ def quantization_config(config: SFTConfig) -> Any | None:
         load_in_4bit=True,
         bnb_4bit_quant_type=config.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=config.use_bnb_nested_quant,
-        bnb_4bit_compute_dtype=compute_dtype(config),
+        bnb_4bit_compute_dtype=compute_dtype,
     )
 
 

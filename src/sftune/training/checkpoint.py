@@ -2,7 +2,8 @@
 
 A checkpoint is `output_dir/checkpoint-<step>/` holding the model (or adapter) and tokenizer as the final save
 writes them, `optimizer.pt`, `scheduler.pt`, `rng_state.pt` (every process's generators), `trainer_state.json`
-(step, tokens seen) and the run's config. The data position is the step itself: the data order is a pure
+(step, tokens seen, loss scale), `master_weights.safetensors` (the fp32 master weights, where the model files
+hold them in the checkpoint's own lower dtype) and the run's config. The data position is the step itself: the data order is a pure
 function of (seed, epoch). It is written into a hidden `.partial` folder and renamed into place in one step, so
 a folder named `checkpoint-<step>` is always complete.
 """
@@ -30,6 +31,7 @@ log = logging.getLogger("sftune")
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+MASTER_WEIGHTS = "master_weights.safetensors"  # fp32 masters behind model files saved in a lower dtype
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -218,6 +220,33 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
             f"checkpoint '{path}' does not fit this model (missing {untied_missing[:3]}, unexpected "
             f"{unexpected[:3]}): resume with the same model settings"
         )
+
+
+def save_master_weights(model: torch.nn.Module, folder: Path, saved_dtype: torch.dtype) -> None:
+    """The trained weights exactly as the optimizer holds them (fp32 masters), where the model files hold them in
+    another dtype (bf16 for a bf16 checkpoint): without them a resume would continue from rounded weights."""
+    from safetensors.torch import save_file
+
+    masters = {name: param.detach().contiguous() for name, param in model.named_parameters()
+               if param.requires_grad and param.dtype != saved_dtype}
+    if masters:
+        save_file(masters, folder / MASTER_WEIGHTS)
+
+
+def load_master_weights(model: torch.nn.Module, path: Path) -> None:
+    """Put a checkpoint's master weights (if it has any) over the weights load_model_weights put in."""
+    from safetensors.torch import load_file
+
+    if not (path / MASTER_WEIGHTS).is_file():
+        return
+    params = dict(model.named_parameters())
+    masters = load_file(path / MASTER_WEIGHTS)
+    unknown = sorted(set(masters) - set(params))
+    if unknown:
+        raise UserError(f"checkpoint '{path}' has master weights this model does not ({unknown[:3]}): resume with "
+                        "the same model settings")
+    for name, tensor in masters.items():
+        params[name].data.copy_(tensor)
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None, protected_step: int | None = None) -> None:

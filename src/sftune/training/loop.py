@@ -30,6 +30,7 @@ from sftune.data.render import IGNORE_INDEX
 from sftune.errors import ConfigError, TrainingError, TrainingInterrupted, UserError, write_failure_reason
 from sftune.export.save import save_model
 from sftune.generation import greedy_answer
+from sftune.precision import PrecisionPlan, apply_precision, plan_precision
 from sftune.training import checkpoint, moe, sharded
 from sftune.training.best_model import BestModelTracker, tracks_best
 from sftune.training.interrupt import StopSignals
@@ -50,7 +51,8 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, train_rows: Rows, eval_rows: Rows,
                  source_names: list[str], config: SFTConfig, accelerator: Any, output_dir: Path,
                  plan: BatchingPlan, collate: Callable[[Rows], list[Batch]], processor: Any = None,
-                 eval_collate: Callable[[Rows], list[Batch]] | None = None):
+                 eval_collate: Callable[[Rows], list[Batch]] | None = None,
+                 precision: PrecisionPlan | None = None):
         self.config, self.accelerator, self.output_dir = config, accelerator, output_dir
         self.plan, self.tokenizer, self.collate = plan, tokenizer, collate
         self.eval_collate = eval_collate or collate  # eval rows may be packed where training rows are not
@@ -70,6 +72,10 @@ class Trainer:
         self.save_every = steps_of(config.save_steps, self.total_steps)
         for problem in best_model_problems(config, self.eval_every, self.save_every)[:1]:  # ratios, now as steps
             raise ConfigError(problem)
+        # fp32 master weights (or bf16 ones) before the optimizer sees them; files are saved in the loaded dtype
+        self.precision = precision or plan_precision(config, accelerator.device.type)
+        self.save_dtype = self.precision.resolved_save_dtype(apply_precision(model, self.precision))
+        self.scaler = self.precision.grad_scaler()  # fp16 only
 
         loss_model = CausalLMWithLoss(model, config.loss_type, config.loss_chunk_size, config.label_smoothing_factor)
         loss_model.train()
@@ -83,7 +89,7 @@ class Trainer:
         if config.torch_compile:
             backbone = getattr(loss_model.causal_lm, loss_model.causal_lm.base_model_prefix)
             backbone.compile()  # in place, so parameter names and saved files stay as they are
-        optimizer = build_optimizer(loss_model, config)
+        optimizer = build_optimizer(loss_model, config, kahan=self.precision.kahan)
         self.scheduler = build_scheduler(optimizer, config, self.total_steps)
         sharded.configure_deepspeed(accelerator, plan, config.max_grad_norm)
         self.loss_model, self.optimizer = accelerator.prepare(loss_model, optimizer)
@@ -190,11 +196,12 @@ class Trainer:
             sources = batch.pop("source_ids", None)
             last = i == len(micro_batches) - 1
             with nullcontext() if last else accelerator.no_sync(self.loss_model), self.training_noise:
-                out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
+                with self.precision.autocast():  # forward and loss; backward runs outside autocast
+                    out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
                 loss = out["loss_sum"] * scale
                 if self.balance is not None and (aux := self.balance.micro_batch_loss(out["routing"])) is not None:
                     loss = loss + aux
-                sharded.backward(accelerator, loss, last)
+                sharded.backward(accelerator, self.scaler.scale(loss) if self.scaler else loss, last)
             step_totals.add(out["token_stats"], _trained(sources, batch["targets"]))
             self.reporter.micro_batch_done(i + 1, len(micro_batches))
             if not last and self._stop_asked_within_step():
@@ -205,24 +212,49 @@ class Trainer:
         if blank is not None:  # vision (issue 14): no process had images this step: no vision gradients at all
             drop_blank_gradients(accelerator.unwrap_model(self.loss_model),
                                  self._sum_over_processes(float(blank.step_had_images())) > 0)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         max_norm = self.config.max_grad_norm or float("inf")
         norm = accelerator.clip_grad_norm_(self.loss_model.parameters(), max_norm)
         grad_norm = float(norm) if norm is not None else 0.0  # DeepSpeed reports none when it does not clip
         step_loss = float(step_totals.sums[:, 1].sum()) / max(local_tokens, 1)
-        if not math.isfinite(grad_norm):
+        if self.scaler is not None:
+            self._scaled_step(step_totals, step_loss)
+        elif not math.isfinite(grad_norm):
             self._nonfinite(grad_norm)  # raises, or we skip this step's update
+            self.scheduler.step()
         else:
             self.optimizer.step()
             self.totals.sums += step_totals.sums
-        self.scheduler.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return step_tokens, grad_norm, step_loss
 
     def _routing_forward(self, batch: Batch) -> moe.Routing:
         """An MoE model's routing of one micro-batch, without the loss (the balancing loss's pre-pass)."""
         inputs = {k: v.to(self.accelerator.device) for k, v in batch.items() if k != "source_ids"}
-        with self.training_noise:  # route the inputs as training sees them (NEFTune's noisy embeddings)
+        # route the inputs as training sees them (NEFTune's noisy embeddings, the precision's autocast)
+        with self.training_noise, self.precision.autocast():
             return self.loss_model(**inputs, routing_only=True)["routing"]
+
+    def _scaled_step(self, step_totals: TokenTotals, step_loss: float) -> None:
+        """fp16: the scaler steps unless a gradient overflowed; then it lowers the scale and the step is skipped
+        (counted in skipped_steps; the schedule waits, as in transformers' Trainer). That is loss scaling doing its
+        job, not a non-finite loss: only a loss that is itself not finite goes to on_nonfinite_loss."""
+        if not math.isfinite(step_loss):
+            self._nonfinite(step_loss)  # raises, or counts the skipped step
+            self.scaler.update()  # lowers the scale and readies the scaler for the next step
+            return
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.get_scale() < scale:
+            self.skipped_steps += 1
+            log.info("step %d: fp16 gradients overflowed at loss scale %g; update skipped, scale now %g",
+                     self.step + 1, scale, self.scaler.get_scale())
+        else:
+            self.scheduler.step()
+        self.totals.sums += step_totals.sums  # the forward was fine: its loss counts either way
 
     def _nonfinite(self, grad_norm: float) -> None:
         step = self.step + 1
@@ -296,7 +328,8 @@ class Trainer:
                            _stand_in(self.eval_collate([_without_targets(self.eval_rows[0])])))
                 for batch in batches:
                     sources = batch.pop("source_ids", None)
-                    out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
+                    with self.precision.autocast():
+                        out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
                     totals.add(out["token_stats"], _trained(sources, batch["targets"]))
                     if routing is not None:
                         routing.add(out["routing"])
@@ -363,14 +396,15 @@ class Trainer:
         if accelerator.is_main_process:
             state = {"global_step": self.step, "num_tokens": self.num_tokens, "total_steps": self.total_steps,
                      "rows_per_step": self.plan.rows_per_step, "world_size": self.world_size,
-                     "skipped_steps": self.skipped_steps}
+                     "skipped_steps": self.skipped_steps, "precision": self.precision.mode}
+            if self.scaler is not None:
+                state["grad_scaler"] = self.scaler.state_dict()
             if self.best is not None:
                 state["best_model"] = self.best.to_dict()
             if model_only:
                 state["model_only"] = True
             path = checkpoint.publish_checkpoint(
-                stage, self.step, lambda folder: save_model(self.model, self.saved_with_model, folder, state_dict,
-                                                            hub_layout=False),
+                stage, self.step, self._save_checkpoint_model(state_dict),
                 None if sharded.is_sharded(accelerator) or model_only else self.optimizer,
                 None if model_only else self.scheduler, None if model_only else rng_states, state,
                 self.output_dir / CONFIG_FILENAME,
@@ -387,6 +421,7 @@ class Trainer:
             sharded.load_shards(self.accelerator, path)
         else:
             checkpoint.load_model_weights(self.model, path)
+            checkpoint.load_master_weights(self.model, path)  # the fp32 masters behind the bf16 model files
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
@@ -399,6 +434,11 @@ class Trainer:
         if trainer.get("rows_per_step") != self.plan.rows_per_step:
             log.warning("resuming with %d rows per step where the run had %s: the data order will differ from "
                         "an uninterrupted run", self.plan.rows_per_step, trainer.get("rows_per_step"))
+        if self.scaler is not None and "grad_scaler" in trainer:
+            self.scaler.load_state_dict(trainer["grad_scaler"])
+        if trainer.get("precision", self.precision.mode) != self.precision.mode:
+            log.warning("resuming a %s run under %s: the steps after the checkpoint differ from an uninterrupted run",
+                        trainer["precision"], self.precision.mode)
         log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
 
     def save_final_model(self) -> None:
@@ -406,7 +446,7 @@ class Trainer:
         state_dict = sharded.full_state_dict(self.accelerator, self.loss_model)
         if self.accelerator.is_main_process:
             try:
-                save_model(self.model, self.saved_with_model, self.output_dir, state_dict)
+                save_model(self.model, self.saved_with_model, self.output_dir, state_dict, dtype=self.save_dtype)
             except Exception as err:
                 reason = write_failure_reason(err)
                 if reason is None:
@@ -416,6 +456,17 @@ class Trainer:
                     "untouched, and the checkpoints (if any) can be resumed with resume_from_checkpoint: true"
                 ) from None
         self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint_model(self, state_dict: dict[str, Any] | None) -> Callable[[Path], None]:
+        """What writes a checkpoint's model: the model files as the final save writes them (in save_dtype), and the
+        trained weights as they are (fp32 masters) where those differ, for an exact resume. A sharded engine keeps
+        its own full-precision shards (accelerate_state)."""
+        def write(folder: Path) -> None:
+            save_model(self.model, self.saved_with_model, folder, state_dict, hub_layout=False,
+                       dtype=self.save_dtype)
+            if not sharded.is_sharded(self.accelerator):
+                checkpoint.save_master_weights(self.model, folder, self.save_dtype)
+        return write
 
     # ------------------------------------------------------------------ stopping on a signal (training/interrupt.py)
 

@@ -100,6 +100,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         stats = []
         for start in range(0, hidden.shape[0], chunk_tokens):
             chunk, chunk_targets = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+            # Precision: under autocast the head's projection runs in the autocast dtype (bf16 / fp16), like every
+            # other linear layer; from here on the loss computes in fp32 whatever the autocast dtype: the logits are
+            # upcast before the log-sum-exp, softmax, entropy and d(loss)/d(logits), and the head's gradient is
+            # accumulated in fp32 across chunks (in-place addmm_ is not autocast).
             logits = transform(F.linear(chunk, weight, bias).float())
             objective, nll, correct, entropy, probs, weights, smoothed = _chunk_forward(
                 logits, chunk_targets, dft, smoothing)
@@ -168,7 +172,7 @@ def chunked_lm_loss(
 
     def one_chunk(chunk: torch.Tensor, chunk_targets: torch.Tensor):
         # A head that is not a plain Linear (an adapter or a quantized layer) is called as a module.
-        logits = transform(head(chunk).float())
+        logits = transform(head(chunk).float())  # fp32 from the logits on, as in the fused path above
         objective, nll, correct, entropy, _, _, smoothed = _chunk_forward(logits, chunk_targets, dft, label_smoothing)
         smoothed = smoothed.detach() if smoothed is not None else nll[:0].detach()
         return objective, nll.detach(), correct, entropy.detach(), smoothed

@@ -21,9 +21,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, config: SFTConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: SFTConfig, kahan: bool = False) -> torch.optim.Optimizer:
+    """The configured optimizer; `kahan` (bf16 weights, sftune/precision.py) takes torch-optimi's AdamW with
+    Kahan-compensated updates instead of torch's."""
     groups = parameter_groups(model, config.weight_decay)
     adam = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+    if kahan:
+        return kahan_adamw(groups, config.weight_decay, adam)
     if config.optim == "adamw_torch_fused":
         return torch.optim.AdamW(groups, fused=True, **adam)
     if config.optim == "adamw_torch":
@@ -35,6 +39,18 @@ def build_optimizer(model: nn.Module, config: SFTConfig) -> torch.optim.Optimize
             raise UserError("optim adamw_8bit needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(groups, **adam)
     return torch.optim.SGD(groups, lr=config.learning_rate)
+
+
+def kahan_adamw(groups: list[dict], weight_decay: float, adam: dict) -> torch.optim.Optimizer:
+    """AdamW that keeps each bf16 weight's rounding error in a bf16 buffer and adds it to the next update, so small
+    updates are not lost (torch-optimi: pure PyTorch, so it runs on CPU too; Triton kernels on a GPU where Triton
+    is installed). Its weight decay is torch's decoupled kind (p -= lr * wd * p); its moments are kept in bf16."""
+    try:
+        import optimi
+    except ImportError:
+        raise UserError("bf16_weights: kahan needs torch-optimi: pip install 'sftune[kahan]' "
+                        "(or pip install torch-optimi)") from None
+    return optimi.AdamW(groups, weight_decay=weight_decay, kahan_sum=True, foreach=False, **adam)
 
 
 def warmup_steps(config: SFTConfig, total_steps: int) -> int:
