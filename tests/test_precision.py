@@ -179,6 +179,7 @@ def test_lora_adapter_and_merge_are_saved_in_the_base_dtype(bf16_model_dir, data
     trained = {p.dtype for p in run.model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in run.model.parameters() if not p.requires_grad}
     assert trained == {torch.float32} and frozen == {torch.bfloat16}
+    assert "bf16 mixed precision (fp32 master weights, bf16 autocast)" in (run.output_dir / "README.md").read_text()
     assert {t.dtype for t in load_file(run.output_dir / "adapter_model.safetensors").values()} == {torch.bfloat16}
     assert main(["merge", str(run.output_dir), "--output", str(tmp_path / "merged")]) == 0
     assert {t.dtype for t in load_file(tmp_path / "merged" / "model.safetensors").values()} == {torch.bfloat16}
@@ -200,6 +201,7 @@ def test_saved_full_model_says_its_own_dtype(bf16_model_dir, data_file, tmp_path
 
     result = train(config_for(bf16_model_dir, data_file, tmp_path / "run", max_steps=1))
     assert result.model.dtype == torch.float32  # fp32 on CPU, unset: the masters
+    assert "schedule), fp32 (weights and compute). Settings" in (result.output_dir / "README.md").read_text()
     assert AutoModelForCausalLM.from_pretrained(result.output_dir, dtype="auto").dtype == torch.bfloat16
 
 

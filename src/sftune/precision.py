@@ -124,12 +124,8 @@ def plan_precision(config: Any, device_type: str, engine: str = "single", bf16_s
         bf16_supported = bf16_available(device_type)
     chosen = config.bf16 is None and not config.fp16 and config.bf16_weights is None
     mode: Mode
-    if config.bf16_weights is not None:
-        mode = "bf16_kahan" if config.bf16_weights == "kahan" else "bf16_plain"
-    elif config.fp16:
-        mode = "fp16"
-    elif config.bf16:
-        mode = "bf16"
+    if configured_mode(config) is not None:
+        mode = configured_mode(config)
     elif chosen and launcher in LAUNCHER_CHOICES:
         mode = launcher  # type: ignore[assignment]
     elif chosen and device_type == "cuda" and bf16_supported:
@@ -145,6 +141,21 @@ def plan_precision(config: Any, device_type: str, engine: str = "single", bf16_s
         raise ConfigError(f"fp16: true is not supported under {engine.upper()} (its loss scaling would have to "
                           "see every shard): use bf16: true, or fp16 without FSDP/DeepSpeed")
     return PrecisionPlan(mode, chosen, device_type, config.save_dtype)
+
+
+def configured_mode(config: Any) -> Mode | None:
+    """The mode the config's keys ask for; None when they leave it to the machine (bf16 unset, fp16 false, no
+    bf16_weights) or ask for fp32 by bf16: false."""
+    if config.bf16_weights is not None:
+        return "bf16_kahan" if config.bf16_weights == "kahan" else "bf16_plain"
+    if config.fp16:
+        return "fp16"
+    return "bf16" if config.bf16 else None
+
+
+def describe_config(config: Any) -> str:
+    """What a finished run's (resolved) config trained in, for the model card."""
+    return PrecisionPlan(configured_mode(config) or "fp32", False, "cpu").describe()
 
 
 def log_precision(plan: PrecisionPlan, launcher: str | None = None) -> None:

@@ -419,14 +419,16 @@ def _loss_scope(config: SFTConfig, stats: dict[str, Any]) -> str:
 
 
 def _settings_section(config: SFTConfig, plan: BatchingPlan) -> str:
+    from sftune.precision import describe_config
+
     groups = {f.name: f.metadata.get("group") for f in dataclasses.fields(SFTConfig)}
     changed = [(name, value) for name, value in changed_settings(config)
                if name not in NOT_HYPERPARAMETERS and groups[name] not in NOT_HYPERPARAMETER_GROUPS]
     lines = [
         "## Training settings\n",
         f"{plan.describe_step().replace(' per step', ' per optimizer step')}, {plan.describe_layout()}, learning "
-        f"rate {config.learning_rate:g} ({config.lr_scheduler_type} schedule). Settings that differ from sftune's "
-        "defaults:\n",
+        f"rate {config.learning_rate:g} ({config.lr_scheduler_type} schedule), {describe_config(config)}. Settings "
+        "that differ from sftune's defaults:\n",
     ]
     if changed:
         lines += ["| setting | value |", "|---|---|"]
