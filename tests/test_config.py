@@ -67,7 +67,7 @@ def test_saved_config_round_trips(tmp_path):
         ({"per_device_train_batch_sz": 1}, "did you mean 'per_device_train_batch_size'?"),
         ({"max_seq_lenght": 5}, "did you mean 'max_length'?"),
         ({"zzz": 1}, "unknown key 'zzz'"),
-        ({"tf32": True}, "'tf32' is not supported"),
+        ({"tf32": True}, "'tf32' = True is not supported"),
         ({"learning_rate": "fast"}, "'learning_rate' = 'fast': expected a number"),
         ({"learning_rate": True}, "'learning_rate' = True: expected a number"),
         ({"per_device_train_batch_size": 2.5}, "expected a whole number"),

@@ -138,9 +138,8 @@ def test_resume_under_bf16_precisions_equals_the_uninterrupted_run(precision, bf
     are bf16; under bf16 autocast its master_weights.safetensors holds the fp32 masters, with Kahan the weights
     are the bf16 files themselves and the compensation is optimizer state. The resumed run ends with exactly the
     same weights and losses."""
-    settings = dict(max_steps=6, learning_rate=1e-4, **precision)
-    full = train(config_for(bf16_model_dir, data_file, tmp_path / "full", save_strategy="steps", save_steps=3,
-                            **settings))
+    settings = dict(max_steps=6, learning_rate=1e-4, save_strategy="steps", save_steps=3, **precision)
+    full = train(config_for(bf16_model_dir, data_file, tmp_path / "full", **settings))
     checkpoint = tmp_path / "full" / "checkpoint-3"
     weights_file = "adapter_model.safetensors" if "use_peft" in precision else "model.safetensors"
     assert {t.dtype for t in load_file(checkpoint / weights_file).values()} == {torch.bfloat16}
@@ -158,9 +157,8 @@ def test_resume_under_bf16_precisions_equals_the_uninterrupted_run(precision, bf
 
 
 def test_fp16_resume_restores_the_loss_scale(tiny_model_dir, data_file, tmp_path):
-    settings = dict(fp16=True, max_steps=4)
-    full = train(config_for(tiny_model_dir, data_file, tmp_path / "full", save_strategy="steps", save_steps=2,
-                            **settings))
+    settings = dict(fp16=True, max_steps=4, save_strategy="steps", save_steps=2)
+    full = train(config_for(tiny_model_dir, data_file, tmp_path / "full", **settings))
     import json
 
     state = json.loads((tmp_path / "full" / "checkpoint-2" / "trainer_state.json").read_text())
@@ -316,7 +314,7 @@ def test_a_resume_with_precision_unset_keeps_the_precision_its_run_chose(tiny_mo
 
     full = train(config_for(tiny_model_dir, data_file, tmp_path / "full", bf16=True, max_steps=4,
                             save_strategy="steps", save_steps=2))
-    resumed = train(config_for(tiny_model_dir, data_file, tmp_path / "resumed", max_steps=4,
-                               resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2")))
+    resumed = train(config_for(tiny_model_dir, data_file, tmp_path / "resumed", max_steps=4, save_strategy="steps",
+                               save_steps=2, resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2")))
     assert list(losses(resumed)) == list(losses(full))[2:]
     assert load_config(resumed.output_dir / "sftune_config.yaml").bf16 is True

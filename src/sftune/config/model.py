@@ -13,8 +13,9 @@ class ModelSettings:
     model_name_or_path: str | None = opt(None, "Local folder or Hugging Face Hub id of the pretrained model.", "model")
     model_revision: str = opt("main", "Hub revision (branch, tag or commit) of the model.", "model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
-        "auto", "Dtype the weights are loaded in ('auto': the checkpoint's own). The dtypes they are trained in come "
-        "from bf16 / fp16 / bf16_weights (unset: fp32 master weights), the saved files' from save_dtype.", "model"
+        "auto", "Dtype the weights are loaded in ('auto': the checkpoint's own; unlike TRL's default, float32). The "
+        "dtypes they are trained in come from bf16 / fp16 / bf16_weights (unset: fp32 master weights), the saved "
+        "files' from save_dtype.", "model"
     )
     attn_implementation: str | None = opt(
         None, "Attention kernel: 'sdpa', 'eager', 'flash_attention_2', ... (unset: transformers' default).", "model"
