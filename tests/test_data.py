@@ -146,6 +146,18 @@ def test_padding_carries_no_target(tokenizer):
         ('{"input_ids": [1, 2], "labels": [1]}\n', "row 1: field 'labels' has 1 values for 2 input_ids"),
         ('{"messages": [{"role": "user", "content": "hi"}], "tools": "not json"}\n',
          "row 1: field 'tools' is text but not valid JSON"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": '
+         '[{"function": {"name": "f", "arguments": "[{\\"x\\": 1}]"}}]}]}\n',
+         "row 1: message 2 (assistant), tool call 1 (f): 'arguments' holds a list, not an object"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": '
+         '"[{\\"function\\": {\\"name\\": \\"f\\", \\"arguments\\": 3}}]"}]}\n',
+         "row 1: message 2 (assistant), tool call 1 (f): 'arguments' must be an object, got int"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": "f(x)"}]}\n',
+         "row 1: message 2 (assistant): field 'tool_calls' is text but not valid JSON"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 2}]}\n',
+         "row 1: message 2 (assistant): field 'weight' = 2: expected 0 (not trained) or 1 (trained)"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 1, '
+         '"train": true}]}\n', "row 1: message 2 (assistant) has both 'weight' and 'train': keep one of them"),
         ('{"text": 3}\n', "row 1: field 'text' must be text, got int"),
         ("", "is empty: no rows"),
         ("[1, 2]", "c.jsonl line 1: expected a JSON object, got list"),
@@ -218,3 +230,16 @@ def test_missing_dataset_is_a_one_line_cli_error(capsys, tiny_model_dir, tmp_pat
                  "--output_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "dataset 'data/missing.jsonl' does not exist" in err and err.count("\n") == 1
+
+
+def test_tool_calls_given_as_json_text_are_parsed(tmp_path):
+    """OpenAI's API gives `arguments` as JSON text, and CSV files the whole list: templates expect objects."""
+    from sftune.data.formats import normalise
+    from sftune.data.sources import SourceRows
+
+    calls = [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": given}]}
+            for given in (calls, json.dumps(calls), [{"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}],
+                          [{"name": "f", "arguments": '{"x": 1}'}])]
+    source = SourceRows("d", rows, [("d", i + 1) for i in range(len(rows))])
+    assert [e["messages"][1]["tool_calls"] for e in normalise(source, "messages", "text")] == [calls] * 4
