@@ -56,9 +56,8 @@ def missing_parts(text: str, messages: list[dict], tools: list | None, reasoning
     bounds: list[tuple[int, int] | None] = []  # each message's text in `text`
     position = 0
     for index, message in enumerate(messages):
-        pieces = _texts(message)
-        start = end = None
-        for piece in pieces:
+        start = end = None if _texts(message) else position  # a message without text: found where it starts
+        for piece in _texts(message):
             found = text.find(piece, position)
             if found < 0:
                 stripped = piece.strip()
