@@ -435,8 +435,9 @@ def test_empty_replies_are_never_trained_and_counted(tokenizer):
     assert trained_runs(tokenizer, data.train_rows[0]) == [A2 + "<|im_end|>"]
     assert trained_runs(tokenizer, data.train_rows[1]) == [A1 + "<|im_end|>", A2 + "<|im_end|>"]
     assert data.stats["empty_replies"] == {"turns": 1, "rows": 1, "examples": ["train_dataset row 1: message 2"]}
-    every_token = prepare(tokenizer, [{"messages": empty_first}, {"messages": CHAT}])  # no turn to leave out
-    assert every_token.stats["rows_dropped"] == {"empty_reply": 1} and len(every_token.train_rows) == 1
+    every_token = prepare(tokenizer, [{"messages": empty_first}]).train_rows[0]  # all but the empty reply
+    untrained = every_token["input_ids"][every_token["labels"] == -100].tolist()
+    assert tokenizer.decode(untrained) == " \n<|im_end|>"
     with pytest.raises(DataError, match="1 have only empty assistant replies"):
         prepare(tokenizer, [{"messages": [CHAT[0], {"role": "assistant", "content": ""}]}], assistant_only_loss=True)
 

@@ -4,8 +4,8 @@ trained turn.
 The loss mask (loss_mask) gives the default; a message's own weight/train (message_fields.py) decides for that
 message. Empty replies are never trained: an empty reply plus the end-of-turn token would teach the model to
 answer nothing. The turn is left out of the loss rather than the row dropped, so the row's other turns still
-train (the empty reply stays in their history, as the data has it); when every token of a row is trained there is
-no turn to leave out, and the row is dropped. Both are counted, with example rows, in the data summary.
+train (the empty reply stays in their history, as the data has it); when every token of a row is trained, the
+empty turn's span (its end-of-turn token) is masked. Counted, with example rows, in the data summary.
 
 split_assistant_turns: one example per trained turn, the conversation up to that turn with only that turn
 trained. Templates that render the reasoning of the latest turns only (Qwen3's) then render each trained turn
@@ -23,7 +23,7 @@ from sftune.data.turn_checks import is_empty_reply
 
 def trained_messages(example: dict, loss_mask: str, result: Any) -> list[int] | None:
     """Indices of the assistant messages that carry loss, or None when every token does. Empty replies are noted
-    in `result.untrained`; a row that cannot be trained as asked gets `result.error` or `result.drop`."""
+    in `result.untrained` (never trained); a row that cannot be trained as asked gets `result.error`."""
     messages, completion_start = example["messages"], example["completion_start"]
     own = example.get("message_training") or {}
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -34,15 +34,11 @@ def trained_messages(example: dict, loss_mask: str, result: Any) -> list[int] | 
             result.error = (f"message {masked + 1} has weight: 0 / train: false, but every token of this row is "
                             f"trained (loss_mask: {loss_mask}): set assistant_only_loss: true to train assistant "
                             "messages only, or remove the field")
-        empty = [i for i in assistants if is_empty_reply(messages[i])]
-        if empty:
-            result.untrained = [f"message {i + 1}" for i in empty]
-            result.drop = "empty_reply"
+        result.untrained = [i for i in assistants if is_empty_reply(messages[i])]  # render.py masks their spans
         return None
     trained = [i for i in assistants if own.get(i, i in default)]
-    empty = [i for i in trained if is_empty_reply(messages[i])]
-    result.untrained = [f"message {i + 1}" for i in empty]
-    return [i for i in trained if i not in empty]
+    result.untrained = [i for i in trained if is_empty_reply(messages[i])]
+    return [i for i in trained if i not in result.untrained]
 
 
 def default_trained(assistants: list[int], completion_start: int | None, loss_mask: str) -> list[int] | None:

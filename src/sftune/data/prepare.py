@@ -345,7 +345,8 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
             empty["turns"] += len(result.untrained)
             empty["rows"] += 1
             if len(empty["examples"]) < EXAMPLES_PER_CHECK:
-                empty["examples"].append(f"{origin.where(index)}: {', '.join(result.untrained)}")
+                empty["examples"].append(f"{origin.where(index)}: "
+                                         + ", ".join(f"message {m + 1}" for m in result.untrained))
         reason = result.drop
         if reason is None:
             counters["rows_truncated"] += result.truncated

@@ -15,8 +15,7 @@ Checks, per row, on every trained turn (every assistant turn when all tokens are
 - content_not_rendered: the rendering lacks a message's text or tool calls, or the tools' schema (the row is
   dropped: its turns would train as what is left).
 - reasoning_dropped: a trained turn's reasoning is not in the rendering (reported; the turn trains without it).
-Empty assistant replies are never trained: the turn is left out of the loss (the row is dropped when every token
-is trained), and counted.
+Empty assistant replies are never trained (loss_turns.py): the turn is left out of the loss, and counted.
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ class Tokenized:
     image_tokens: list[int] | None = None  # tokens each image takes, delimiters included
     error: str | None = None  # a problem with the row that stops preparation (the caller adds where it is)
     fingerprint: Any = None  # the data doctor's summary of the example (doctor.py)
-    untrained: list[str] = field(default_factory=list)  # empty assistant replies left untrained ("message 4")
+    untrained: list[int] = field(default_factory=list)  # the empty assistant replies, never trained
 
 
 @dataclass
@@ -335,6 +334,9 @@ class ExampleTokenizer:
             np.add.at(depth, last[:n][has_tokens[:n]] + 1, -1)
             trained = np.cumsum(depth[:-1]) > 0
             labels[trained] = ids[trained]
+        for number, turn in enumerate(turns if job.train_all else ()):  # empty replies: never trained
+            if turn.message in result.untrained and has_tokens[number]:
+                labels[first[number]:last[number] + 1] = IGNORE_INDEX
         image_ranges = [(int(a), int(b) + 1) for a, b in zip(first[n:], last[n:])]
         for a, b in image_ranges:
             labels[a:b] = IGNORE_INDEX
