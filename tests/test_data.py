@@ -243,3 +243,18 @@ def test_tool_calls_given_as_json_text_are_parsed(tmp_path):
                           [{"name": "f", "arguments": '{"x": 1}'}])]
     source = SourceRows("d", rows, [("d", i + 1) for i in range(len(rows))])
     assert [e["messages"][1]["tool_calls"] for e in normalise(source, "messages", "text")] == [calls] * 4
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "train_dataset: expected a datasets.Dataset or a list of "
+                                                        "dicts (one per row), got a dict: wrap one row in a list"),
+    ([], "train_dataset: the list of rows is empty: give at least one row"),
+])
+def test_python_api_train_refuses_data_that_is_not_rows(tiny_model_dir, tmp_path, data, message):
+    from sftune import train
+
+    config = SFTConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(tmp_path / "out"), max_steps=1)
+    with pytest.raises(DataError) as caught:
+        train(config, train_dataset=data)
+    assert str(caught.value).startswith(message)
+    assert not (tmp_path / "out").exists()

@@ -23,5 +23,9 @@ class EvaluationSettings:
 
     def _check_evaluation(self, problems: Problems) -> None:
         problems.need(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", "must be >= 1")
+        # eval_steps alone would hold out the eval rows (eval_ratio) and never evaluate them
+        problems.need(self.eval_steps is None or self.eval_strategy != "no", "eval_steps",
+                      "is set, but eval_strategy is 'no', so no evaluation would run: set eval_strategy: steps "
+                      "(or unset eval_steps)")
         problems.need(self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size", "must be >= 1")
         problems.need(self.generation_max_new_tokens >= 1, "generation_max_new_tokens", "must be >= 1")
