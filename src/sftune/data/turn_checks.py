@@ -70,12 +70,18 @@ def missing_parts(text: str, messages: list[dict], tools: list | None, reasoning
             start = found if start is None else start
             position = end = found + len(piece)
         bounds.append(None if start is None else (start, end))
+    ends_before, end = [], 0  # where the previous found message ends, for each message
+    for bound in bounds:
+        ends_before.append(end)
+        end = bound[1] if bound is not None else end
+    starts_after, start = [0] * len(bounds), len(text)  # where the next found message starts
+    for index in range(len(bounds) - 1, -1, -1):
+        starts_after[index] = start
+        start = bounds[index][0] if bounds[index] is not None else start
     for index, message in enumerate(messages):
         if bounds[index] is None:
             continue
-        region_start = max((b[1] for b in bounds[:index] if b is not None), default=0)
-        region_end = next((b[0] for b in bounds[index + 1:] if b is not None), len(text))
-        region = text[region_start:max(region_end, bounds[index][1])]
+        region = text[ends_before[index]:max(starts_after[index], bounds[index][1])]
         for call in message.get("tool_calls") or ():
             function = call["function"]
             if function["name"] not in region or any(str(key) not in region for key in function["arguments"]):
