@@ -384,8 +384,10 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
         for s, source in enumerate(sources)
     ]
     if require_rows and not any(len(d["train"]) for d in documents):
+        missing = checks["content_not_rendered"]["examples"]  # a row, so the template's gap can be seen
         raise DataError(_nothing_left_message(config, dropped_from_training, sum(len(s.train) for s in sources),
-                                              [s.label for s in sources if s.train]))
+                                              [s.label for s in sources if s.train])
+                        + (f"; e.g. {missing[0]}" if missing else ""))
     return documents, stats
 
 
