@@ -245,6 +245,24 @@ def test_tool_calls_given_as_json_text_are_parsed(tmp_path):
     assert [e["messages"][1]["tool_calls"] for e in normalise(source, "messages", "text")] == [calls] * 4
 
 
+def test_tool_call_arguments_from_parquet_keep_only_their_own_keys(tmp_path):
+    """Arrow gives every call every argument name of the column, None where the call had none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sftune.data.formats import normalise
+
+    def row(name, arguments):
+        return {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": name, "arguments": arguments}}]}]}
+
+    pq.write_table(pa.Table.from_pylist([row("f", {"city": "Paris"}), row("g", {"x": 1})]), tmp_path / "t.parquet")
+    source = load_source(str(tmp_path / "t.parquet"))
+    assert source.rows[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "x": None}
+    examples = normalise(source, "messages", "text")
+    assert [e["messages"][1]["tool_calls"][0]["function"]["arguments"] for e in examples] == [{"city": "Paris"}, {"x": 1}]
+
+
 @pytest.mark.parametrize("data, message", [
     ({"messages": [{"role": "user", "content": "hi"}]}, "train_dataset: expected a datasets.Dataset or a list of "
                                                         "dicts (one per row), got a dict: wrap one row in a list"),

@@ -3,7 +3,8 @@
 - tool_calls: a list of {"type": "function", "function": {"name", "arguments"}} (or the flat {"name",
   "arguments"}). Chat templates write `arguments` with `tojson`, so arguments given as a JSON string (as OpenAI's
   API returns them, and as CSV or some Hub datasets store them) would be written as a quoted string: they are
-  parsed here into the object they hold. The whole list given as a JSON string is parsed the same way.
+  parsed here into the object they hold. The whole list given as a JSON string is parsed the same way. Arguments
+  that are null are left out: Arrow (parquet, Hub datasets) gives each call every argument any row's call had.
 - weight (Axolotl's convention, 0 or 1) and train (true or false): the message is trained or not, whatever
   the loss mask says of its role. Popped from the message (templates never see it) into the example's
   "message_training": {message index: bool}.
@@ -49,6 +50,9 @@ def normalised_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
         if not isinstance(arguments, dict):
             raise DataError(f"{here} ({function['name']}): 'arguments' must be an object, got "
                             f"{type(arguments).__name__}")
+        # Parquet/Arrow stores arguments as one struct for the whole column: every call gets every key any call
+        # had, None where it had none ({"city": "Paris", "x": None}); an argument of null is taken as absent
+        arguments = {k: v for k, v in arguments.items() if v is not None}
         function = {**function, "arguments": arguments}
         out.append({**call, "function": function} if "function" in call else {"type": "function",
                                                                              "function": function})
