@@ -23,9 +23,12 @@ class EvaluationSettings:
 
     def _check_evaluation(self, problems: Problems) -> None:
         problems.need(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", "must be >= 1")
-        # eval_steps alone would hold out the eval rows (eval_ratio) and never evaluate them
-        problems.need(self.eval_steps is None or self.eval_strategy != "no", "eval_steps",
-                      "is set, but eval_strategy is 'no', so no evaluation would run: set eval_strategy: steps "
-                      "(or unset eval_steps)")
+        # eval_steps and eval_ratio without eval_strategy would hold rows out of training and never evaluate them
+        # (an explicit eval_strategy: no over a config with eval_steps, and no rows held out, is a way to turn
+        # evaluation off)
+        problems.need(self.eval_steps is None or self.eval_strategy != "no" or not self.eval_ratio, "eval_steps",
+                      f"is set and eval_ratio holds out {self.eval_ratio:g} of the rows, but eval_strategy is 'no', "
+                      "so they would never be evaluated: set eval_strategy: steps (or unset eval_steps and "
+                      "eval_ratio)")
         problems.need(self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size", "must be >= 1")
         problems.need(self.generation_max_new_tokens >= 1, "generation_max_new_tokens", "must be >= 1")
