@@ -87,6 +87,18 @@ MUTANTS = (
         ("tests/test_masks.py",),
     ),
     Mutant(
+        "tool_calls_not_checked", "a template that drops tool calls passes the template checks (empty replies trained)",
+        "data/turn_checks.py",
+        'if function["name"] not in region or any(str(key) not in region for key in function["arguments"]):',
+        "if False:",
+        ("tests/test_masks.py::test_a_template_that_drops_tool_calls_is_caught_and_the_row_is_not_trained",),
+    ),
+    Mutant(
+        "empty_reply_trained", "an empty assistant reply is trained (an empty reply plus end-of-turn)",
+        "data/turn_checks.py", "    return not answer.strip() and not reasoning", "    return False",
+        ("tests/test_masks.py::test_empty_replies_are_never_trained_and_counted",),
+    ),
+    Mutant(
         "chunked_loss_gradient", "the chunked loss ignores the upstream gradient for the hidden states",
         "training/loss.py", "grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)", "grad_hidden = grad_hidden",
         ("tests/test_loss.py",),

@@ -146,6 +146,18 @@ def test_padding_carries_no_target(tokenizer):
         ('{"input_ids": [1, 2], "labels": [1]}\n', "row 1: field 'labels' has 1 values for 2 input_ids"),
         ('{"messages": [{"role": "user", "content": "hi"}], "tools": "not json"}\n',
          "row 1: field 'tools' is text but not valid JSON"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": '
+         '[{"function": {"name": "f", "arguments": "[{\\"x\\": 1}]"}}]}]}\n',
+         "row 1: message 2 (assistant), tool call 1 (f): 'arguments' holds a list, not an object"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": '
+         '"[{\\"function\\": {\\"name\\": \\"f\\", \\"arguments\\": 3}}]"}]}\n',
+         "row 1: message 2 (assistant), tool call 1 (f): 'arguments' must be an object, got int"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": "f(x)"}]}\n',
+         "row 1: message 2 (assistant): field 'tool_calls' is text but not valid JSON"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 2}]}\n',
+         "row 1: message 2 (assistant): field 'weight' = 2: expected 0 (not trained) or 1 (trained)"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 1, '
+         '"train": true}]}\n', "row 1: message 2 (assistant) has both 'weight' and 'train': keep one of them"),
         ('{"text": 3}\n', "row 1: field 'text' must be text, got int"),
         ("", "is empty: no rows"),
         ("[1, 2]", "c.jsonl line 1: expected a JSON object, got list"),
@@ -218,3 +230,49 @@ def test_missing_dataset_is_a_one_line_cli_error(capsys, tiny_model_dir, tmp_pat
                  "--output_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "dataset 'data/missing.jsonl' does not exist" in err and err.count("\n") == 1
+
+
+def test_tool_calls_given_as_json_text_are_parsed(tmp_path):
+    """OpenAI's API gives `arguments` as JSON text, and CSV files the whole list: templates expect objects."""
+    from sftune.data.formats import normalise
+    from sftune.data.sources import SourceRows
+
+    calls = [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": given}]}
+            for given in (calls, json.dumps(calls), [{"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}],
+                          [{"name": "f", "arguments": '{"x": 1}'}])]
+    source = SourceRows("d", rows, [("d", i + 1) for i in range(len(rows))])
+    assert [e["messages"][1]["tool_calls"] for e in normalise(source, "messages", "text")] == [calls] * 4
+
+
+def test_tool_call_arguments_from_parquet_keep_only_their_own_keys(tmp_path):
+    """Arrow gives every call every argument name of the column, None where the call had none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sftune.data.formats import normalise
+
+    def row(name, arguments):
+        return {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": name, "arguments": arguments}}]}]}
+
+    pq.write_table(pa.Table.from_pylist([row("f", {"city": "Paris"}), row("g", {"x": 1})]), tmp_path / "t.parquet")
+    source = load_source(str(tmp_path / "t.parquet"))
+    assert source.rows[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "x": None}
+    examples = normalise(source, "messages", "text")
+    assert [e["messages"][1]["tool_calls"][0]["function"]["arguments"] for e in examples] == [{"city": "Paris"}, {"x": 1}]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "train_dataset: expected a datasets.Dataset or a list of "
+                                                        "dicts (one per row), got a dict: wrap one row in a list"),
+    ([], "train_dataset: the list of rows is empty: give at least one row"),
+])
+def test_python_api_train_refuses_data_that_is_not_rows(tiny_model_dir, tmp_path, data, message):
+    from sftune import train
+
+    config = SFTConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(tmp_path / "out"), max_steps=1)
+    with pytest.raises(DataError) as caught:
+        train(config, train_dataset=data)
+    assert str(caught.value).startswith(message)
+    assert not (tmp_path / "out").exists()

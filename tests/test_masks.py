@@ -357,3 +357,120 @@ def test_fast_rendering_equals_apply_chat_template(qwen3_tokenizer, smollm2_toke
                     expected = tok.apply_chat_template(messages, tools=tools, tokenize=False,
                                                        add_generation_prompt=generation_prompt, **(kwargs or {}))
                     assert render(shape, messages, tools, add_generation_prompt=generation_prompt)[0] == expected
+
+
+# ---- what a rendering leaves out, tool calls, per-message weights, empty replies (issue 21)
+
+WEATHER_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def tool_chat(arguments) -> list[dict]:
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]
+    return [{"role": "user", "content": "weather in Paris?"}, {"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]
+
+
+def test_a_template_that_drops_tool_calls_is_caught_and_the_row_is_not_trained(tokenizer):
+    """The tests' plain ChatML writes only each message's content: the call would be trained as an empty reply."""
+    rows = [{"messages": tool_chat({"city": "Paris"})}, {"messages": CHAT}]
+    data = prepare(tokenizer, rows, assistant_only_loss=True)
+    assert data.stats["rows_dropped"] == {"content_not_rendered": 1} and len(data.train_rows) == 1
+    assert trained_runs(tokenizer, data.train_rows[0]) == [A1 + "<|im_end|>", A2 + "<|im_end|>"]
+    assert data.stats["template_checks"]["content_not_rendered"]["examples"] == [
+        "train_dataset row 1: message 2 (assistant): its tool call 'get_weather' is not in the template's rendering"]
+    with_tools = prepare(tokenizer, [{"messages": CHAT, "tools": WEATHER_TOOLS}, {"messages": CHAT}])
+    assert with_tools.stats["template_checks"]["content_not_rendered"]["examples"] == [
+        "train_dataset row 1: the tools' schema (field 'tools') is not in the template's rendering"]
+    dropped_user = "{% for m in messages %}{% if m['role'] != 'user' or loop.first %}<|im_start|>{{ m['role'] }}\n" \
+                   "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}" \
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    with pytest.raises(DataError, match="1 hold text, tool calls or tools the chat template leaves out"):
+        prepare(build_tokenizer(dropped_user), [{"messages": CHAT}], assistant_only_loss=True)
+
+
+def test_default_chatml_renders_tools_tool_calls_and_tool_results():
+    tokenizer = build_tokenizer(chat_template=None)  # no template: sftune's ChatML default
+    as_object = prepare(tokenizer, [{"messages": tool_chat({"city": "Paris"}), "tools": WEATHER_TOOLS}],
+                        assistant_only_loss=True)
+    as_text = prepare(tokenizer, [{"messages": tool_chat('{"city": "Paris"}'), "tools": WEATHER_TOOLS}],
+                      assistant_only_loss=True)
+    row = as_object.train_rows[0]
+    assert trained_runs(tokenizer, row) == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is sunny.<|im_end|>"]
+    text = tokenizer.decode(row["input_ids"].tolist())
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text  # the schema, in a system turn
+    assert "<|im_start|>tool\n<tool_response>\nsunny\n</tool_response><|im_end|>" in text  # the result, not trained
+    assert problems(as_object) == {} and as_object.stats["rows_dropped"] == {}
+    # arguments given as JSON text (as OpenAI's API returns them) train the same tokens as the object
+    assert as_text.train_rows[0]["input_ids"].tolist() == row["input_ids"].tolist()
+    assert as_text.train_rows[0]["labels"].tolist() == row["labels"].tolist()
+    plain = prepare(tokenizer, [{"messages": CHAT}], assistant_only_loss=True)  # without tools: plain ChatML
+    assert tokenizer.decode(plain.train_rows[0]["input_ids"].tolist()) == "".join(
+        f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in CHAT)
+
+
+def test_per_message_weight_and_train_decide_for_their_message(tokenizer):
+    three = CHAT + [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "bye now"}]
+    masked = [dict(m) for m in three]
+    masked[1]["weight"], masked[3]["train"] = 0, False
+    data = prepare(tokenizer, [{"messages": masked}], assistant_only_loss=True)
+    assert trained_runs(tokenizer, data.train_rows[0]) == ["bye now<|im_end|>"]
+    chosen = [dict(m) for m in three]
+    chosen[1]["weight"], chosen[3]["train"] = 1, True  # trained although not the last turn
+    data = prepare(tokenizer, [{"messages": chosen}], last_assistant_only_loss=True)
+    assert trained_runs(tokenizer, data.train_rows[0]) == [A1 + "<|im_end|>", A2 + "<|im_end|>", "bye now<|im_end|>"]
+    sharegpt = [{"from": "human", "value": U1}, {"from": "gpt", "value": A1, "weight": 0},
+                {"from": "human", "value": U2}, {"from": "gpt", "value": A2}]
+    data = prepare(tokenizer, [{"conversations": sharegpt}], assistant_only_loss=True)
+    assert trained_runs(tokenizer, data.train_rows[0]) == [A2 + "<|im_end|>"]
+    with pytest.raises(DataError, match=r"train_dataset row 1: message 2 has weight: 0 / train: false, but every "
+                                        r"token of this row is trained \(loss_mask: completion\)"):
+        prepare(tokenizer, [{"messages": masked}])
+
+
+def test_empty_replies_are_never_trained_and_counted(tokenizer):
+    empty_first = [CHAT[0], {"role": "assistant", "content": " \n"}, *CHAT[2:]]
+    data = prepare(tokenizer, [{"messages": empty_first}, {"messages": CHAT}], assistant_only_loss=True)
+    assert trained_runs(tokenizer, data.train_rows[0]) == [A2 + "<|im_end|>"]
+    assert trained_runs(tokenizer, data.train_rows[1]) == [A1 + "<|im_end|>", A2 + "<|im_end|>"]
+    assert data.stats["empty_replies"] == {"turns": 1, "rows": 1, "examples": ["train_dataset row 1: message 2"]}
+    every_token = prepare(tokenizer, [{"messages": empty_first}]).train_rows[0]  # all but the empty reply
+    untrained = every_token["input_ids"][every_token["labels"] == -100].tolist()
+    assert tokenizer.decode(untrained) == " \n<|im_end|>"
+    with pytest.raises(DataError, match="1 have only empty assistant replies"):
+        prepare(tokenizer, [{"messages": [CHAT[0], {"role": "assistant", "content": ""}]}], assistant_only_loss=True)
+
+
+def test_completion_only_loss_on_plain_conversations_is_refused(tokenizer):
+    with pytest.raises(DataError, match="completion_only_loss: true means nothing for dataset 'train_dataset'"):
+        prepare(tokenizer, [{"messages": CHAT}], completion_only_loss=True)
+    split = {"prompt": CHAT[:1], "completion": CHAT[1:2]}  # conversational prompt/completion: it means something
+    data = prepare(tokenizer, [split], completion_only_loss=True)
+    assert trained_runs(tokenizer, data.train_rows[0]) == [A1 + "<|im_end|>"]
+
+
+REASONED = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "two and two"},
+            {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "<think>three and three</think>6"}]
+
+
+def test_real_qwen3_reasoning_of_earlier_turns_is_reported_and_can_be_trained_per_turn(qwen3_tokenizer):
+    """Qwen3's template writes the reasoning of the turns after the last user message only."""
+    data = prepare(qwen3_tokenizer, [{"messages": REASONED}, {"messages": CHAT}], assistant_only_loss=True)
+    assert trained_runs(qwen3_tokenizer, data.train_rows[0]) == [
+        "4<|im_end|>", "<think>\nthree and three\n</think>\n\n6<|im_end|>"]
+    assert problems(data) == {"reasoning_dropped": 1}
+    assert data.stats["template_checks"]["reasoning_dropped"]["examples"] == [
+        "train_dataset row 1: message 2 (assistant): its reasoning is not in the template's rendering"]
+
+    split = prepare(qwen3_tokenizer, [{"messages": REASONED}, {"messages": CHAT}], assistant_only_loss=True,
+                    split_assistant_turns=True)
+    assert problems(split) == {}
+    assert [row["index"] for row in split.train_rows] == [0, 0, 1, 1]
+    first, second = split.train_rows[:2]
+    assert trained_runs(qwen3_tokenizer, first) == ["<think>\ntwo and two\n</think>\n\n4<|im_end|>"]
+    assert trained_runs(qwen3_tokenizer, second) == ["<think>\nthree and three\n</think>\n\n6<|im_end|>"]
+    # each example is what inference renders: the history as the template writes it, then the trained turn
+    for row, end in ((first, 2), (second, 4)):
+        expected = qwen3_tokenizer.apply_chat_template(REASONED[:end], tokenize=False)
+        assert qwen3_tokenizer.decode(row["input_ids"].tolist()) == expected

@@ -209,3 +209,28 @@ def test_a_crash_at_step_1_leaves_a_folder_the_same_command_reuses(tiny_model_di
     assert (out / CONFIG_FILENAME).is_file()  # what the crash left behind
     assert main(argv) == 0
     assert (out / "model.safetensors").is_file()
+
+
+def test_tool_calls_train_end_to_end_through_the_default_template(tiny_model_no_template_dir, tmp_path):
+    """Tool calls, tool results and per-turn examples through a whole run; the saved tokenizer renders calls."""
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    row = {"tools": tools, "messages": [
+        {"role": "user", "content": "weather in Paris?"}, {"role": "assistant", "content": "", "tool_calls": calls},
+        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]}
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for _ in range(4)))
+    out = tmp_path / "run"
+    result = train(tiny_config(tiny_model_no_template_dir, data, out, max_steps=2, assistant_only_loss=True,
+                               split_assistant_turns=True, save_strategy="no", max_length=1024))
+    assert len(result.history) == 2 and all(np.isfinite(step_losses(result)))
+    assert result.data_stats["documents"] == 8  # 4 rows, two trained turns each: one example per turn
+
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(out)  # inference renders the calls as training did
+    parsed = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    text = saved.apply_chat_template([row["messages"][0], {**row["messages"][1], "tool_calls": parsed}],
+                                     tools=tools, tokenize=False)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in text
+    assert "<tools>" in text

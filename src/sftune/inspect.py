@@ -102,6 +102,10 @@ def describe(stats: dict[str, Any], rows: list[dict[str, Any]], config: SFTConfi
         for name, check in failed.items():
             lines.append(f"  {check['rows']} rows: {CHECKS[name]}")
             lines.extend(f"    e.g. {example}" for example in check["examples"])
+    empty = stats.get("empty_replies") or {}
+    if empty.get("turns"):
+        lines.append(f"empty replies: {empty['turns']} assistant turns in {empty['rows']} rows, never trained")
+        lines.extend(f"    e.g. {example}" for example in empty["examples"])
     if len(stats["sources"]) > 1 or stats["sources"][0]["name"] != config.dataset_name:
         for source in stats["sources"]:
             lines.append(f"source {source['name']} ({source['format']}): {source['rows_read']} rows read, "

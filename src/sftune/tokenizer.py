@@ -20,10 +20,33 @@ from sftune.errors import ConfigError, UserError
 
 log = logging.getLogger("sftune")
 
-# The default for tokenizers without a chat template; its end-of-turn token becomes the EOS.
+# The default for tokenizers without a chat template; its end-of-turn token becomes the EOS. Tools follow the
+# Hermes/Qwen convention: the tools' schemas as JSON lines in a system turn, each call as a JSON object inside
+# <tool_call> tags after the assistant's text, each tool result inside <tool_response> tags in a `tool` turn.
+# A conversation without tools renders as plain ChatML.
 CHATML_TEMPLATE = (
+    "{% if tools %}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "{{ 'You can call the functions below. To call one, write a JSON object with its name and arguments inside "
+    "<tool_call></tool_call> tags:\\n<tool_call>\\n{\\\"name\\\": <function name>, \\\"arguments\\\": <an object>}"
+    "\\n</tool_call>\\n\\n<tools>\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+    "{{ '</tools><|im_end|>\\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'tool' %}{{ '<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set function = call['function'] if call['function'] is defined else call %}"
+    "{% if not loop.first or message['content'] %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_call>\\n{\\\"name\\\": ' + function['name'] | tojson + ', \\\"arguments\\\": ' }}"
+    "{{ (function['arguments'] if function['arguments'] is defined else {}) | tojson }}{{ '}\\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>' + '\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )

@@ -78,6 +78,12 @@ class DataSettings:
     last_assistant_only_loss: bool = opt(
         False, "Train only on the last assistant turn of each conversation (loss_mask: last_assistant).", "data"
     )
+    split_assistant_turns: bool = opt(
+        False, "Train each assistant turn as an example of its own: the conversation up to that turn, only that "
+        "turn trained. Templates that keep only the latest turns' reasoning (Qwen3's <think>) then train every turn "
+        "with its own reasoning, as inference renders it; the history is repeated in each example (more compute). "
+        "Needs assistant_only_loss.", "data"
+    )
     truncation_mode: Literal["keep_start", "keep_end"] = opt(
         "keep_start", "Which end of a row longer than max_length is kept.", "data"
     )
@@ -161,6 +167,8 @@ class DataSettings:
         problems.need(self.pad_to_multiple_of is None or self.pad_to_multiple_of >= 1, "pad_to_multiple_of",
                       "must be >= 1, or unset for no extra padding")
         problems.need(self.data_seed is None or self.data_seed >= 0, "data_seed", "must be >= 0, or unset to use seed")
+        problems.need(not self.split_assistant_turns or self.loss_mask == "assistant", "split_assistant_turns",
+                      "needs assistant_only_loss: true (loss_mask: assistant): only then is each turn trained")
         if self.dataset_name is not None and self.datasets is not None:
             problems.add("config keys 'dataset_name' and 'datasets' are both set: keep one of them")
         if self.dataset_test_split is not None and self.eval_ratio > 0:

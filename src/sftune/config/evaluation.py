@@ -56,6 +56,13 @@ class EvaluationSettings:
 
     def _check_evaluation(self, problems: Problems) -> None:
         problems.need(self.eval_steps is None or self.eval_steps > 0, "eval_steps", "must be >= 1, or a ratio of the total steps in (0, 1)")
+        # eval_steps and a hold-out without eval_strategy would hold rows out of training and never evaluate them
+        # (an explicit eval_strategy: no over a config with eval_steps, and no rows held out, is a way to turn
+        # evaluation off)
+        problems.need(self.eval_steps is None or self.eval_strategy != "no" or not self.held_out_ratio, "eval_steps",
+                      f"is set and eval_ratio holds out {self.held_out_ratio:g} of the rows, but eval_strategy is "
+                      "'no', so they would never be evaluated: set eval_strategy: steps (or unset eval_steps and "
+                      "eval_ratio)")
         problems.need(self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size", "must be >= 1")
         problems.need(self.generation_max_new_tokens >= 1, "generation_max_new_tokens", "must be >= 1")
         problems.need(self.early_stopping_patience is None or self.early_stopping_patience >= 1,

@@ -2,9 +2,11 @@
 
 - text:               {"text": str}
 - prompt/completion:  {"prompt": str, "completion": str}
-- conversation:       {"messages": [...], "completion_start": int | None, "tools": ..., "chat_template_kwargs": ...}
+- conversation:       {"messages": [...], "completion_start": int | None, "message_training": {index: bool} | None,
+                       "tools": ..., "chat_template_kwargs": ...}
                       (conversational prompt/completion, ShareGPT and Alpaca rows all become conversations;
-                      completion_start is the index of the first completion message, None for plain messages);
+                      completion_start is the index of the first completion message, None for plain messages;
+                      message_training holds the messages' own weight/train (message_fields.py));
                       a conversation with images also has "images": [reference, ...] (see images.py), and every
                       message's content is then a list of parts, {"type": "text", "text": ...} or
                       {"type": "image"}, the i-th image part standing for the i-th image
@@ -19,10 +21,12 @@ from collections.abc import Callable
 from typing import Any
 
 from sftune.data.images import check_image, row_images
+from sftune.data.message_fields import TRAINING_FIELDS, normalised_tool_calls, training_flag
 from sftune.data.sources import SourceRows
 from sftune.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
+TRAINED_KEY = "__trained"  # a message's own weight/train, carried until _conversation takes it off
 FORMATS = ("text", "prompt_completion", "messages", "sharegpt", "alpaca", "tokenized")
 
 # ShareGPT speaker names -> roles
@@ -180,7 +184,8 @@ def _sharegpt(turns: Any, source: SourceRows, index: int) -> list[dict[str, Any]
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise DataError(f"{where}: conversations turn {number} is from {turn['from']!r} "
                             f"(expected one of: {', '.join(SHAREGPT_ROLES)}){hint}")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"],
+                         **{k: turn[k] for k in TRAINING_FIELDS if turn.get(k) is not None}})
     return _messages(messages, "conversations", source, index)
 
 
@@ -209,10 +214,15 @@ def _messages(messages: Any, field: str, source: SourceRows, index: int, first_n
                 f"{where}: message {number} ({role}) has content of type {type(content).__name__}; "
                 "expected text or a list of parts"
             )
+        if message.get("tool_calls") is not None:
+            message["tool_calls"] = normalised_tool_calls(message["tool_calls"], f"{where}: message {number} ({role})")
         if "content" not in message:
             if not message.get("tool_calls"):
                 raise DataError(f"{where}: message {number} ({role}) has no content")
             message["content"] = ""
+        flag = training_flag(message, f"{where}: message {number} ({role})")
+        if flag is not None:
+            message[TRAINED_KEY] = flag
         clean.append(message)
     return clean
 
@@ -239,9 +249,11 @@ def _parts(content: list, where: str) -> list[dict[str, Any]]:
 
 def _conversation(messages: list[dict], completion_start: int | None, row: dict, source: SourceRows,
                   index: int) -> dict[str, Any]:
+    training = {i: m.pop(TRAINED_KEY) for i, m in enumerate(messages) if TRAINED_KEY in m}
     example = {
         "messages": messages,
         "completion_start": completion_start,
+        "message_training": training or None,
         "tools": _json_field(row, "tools", list, source, index),
         "chat_template_kwargs": _json_field(row, "chat_template_kwargs", dict, source, index),
     }

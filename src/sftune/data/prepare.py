@@ -32,6 +32,7 @@ from sftune.data import doctor
 from sftune.data.doctor_report import log_findings
 from sftune.data.formats import apply_formatting_func, detect_format, is_conversation, normalise, rename_columns
 from sftune.data.images import processor_fingerprint
+from sftune.data.loss_turns import split_assistant_turns
 from sftune.data.pack import plan_packing
 from sftune.data.render import CHECKS, IGNORE_INDEX, ExampleTokenizer, Tokenized
 from sftune.data.rows import Documents, RowStore
@@ -44,13 +45,13 @@ from sftune.tokenizer import shaped_tokenizer, stop_token_ids, with_default_temp
 
 log = logging.getLogger("sftune")
 
-CACHE_LAYOUT = "3"  # bump when the prepared rows would differ for the same inputs
+CACHE_LAYOUT = "4"  # bump when the prepared rows would differ for the same inputs
 PARALLEL_MIN_ROWS = 2000  # below this, starting worker processes costs more than it saves
 EXAMPLES_PER_CHECK = 3
 SETTINGS = (  # every config field that changes the prepared rows
     "dataset_name", "dataset_config", "dataset_train_split", "dataset_text_field", "datasets", "dataset_test_split",
     "eval_ratio", "test_split_size", "dataset_format", "dataset_columns", "max_length", "truncation_mode", "loss_mask",
-    "packing", "packing_strategy", "seed", "dedupe", "eval_packing", "shuffle_dataset", "data_seed",
+    "packing", "packing_strategy", "seed", "dedupe", "eval_packing", "shuffle_dataset", "data_seed", "split_assistant_turns",
 )
 
 
@@ -279,6 +280,10 @@ def _read_sources(inputs: _Inputs, config: SFTConfig) -> list[_Source]:
         fmt, examples = _normalised(rows, spec, config, inputs.formatting_func)
         sources.append(_Source("eval_dataset", fmt, rows, [], np.zeros(0, dtype=np.int64), rows, examples,
                                np.arange(len(examples))))
+    if config.split_assistant_turns:
+        for source in sources:
+            source.train, source.train_index = split_assistant_turns(source.train, source.train_index, config.loss_mask)
+            source.eval, source.eval_index = split_assistant_turns(source.eval, source.eval_index, config.loss_mask)
     if inputs.processor is not None:
         from sftune.data.vision_inputs import vision_inputs_of
 
@@ -295,6 +300,10 @@ def _normalised(rows: SourceRows, spec: DatasetSpec, config: SFTConfig, formatti
         flag = "assistant_only_loss" if config.loss_mask == "assistant" else "last_assistant_only_loss"
         raise DataError(f"{flag} is set (loss_mask: {config.loss_mask}), but dataset '{spec.label}' has {fmt} "
                         "rows, not conversations: unset it, or use completion_only_loss for prompt/completion rows")
+    if config.completion_only_loss and is_conversation(examples[0]) and examples[0]["completion_start"] is None:
+        raise DataError(f"completion_only_loss: true means nothing for dataset '{spec.label}': its {fmt} rows are "
+                        "conversations without a prompt/completion split, so every token would be trained; set "
+                        "assistant_only_loss: true to train the assistant turns (or unset completion_only_loss)")
     return fmt, examples
 
 
@@ -318,6 +327,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
                              config.dataset_num_proc, check_data)
 
     checks = {name: {"rows": 0, "examples": []} for name in CHECKS}
+    empty: dict[str, Any] = {"turns": 0, "rows": 0, "examples": []}  # empty assistant replies, never trained
     dropped: dict[str, int] = {}
     dropped_from_training: dict[str, int] = {}
     counters = {"rows_checked": 0, "turns_checked": 0, "rows_truncated": 0, "images": 0, "image_tokens": 0}
@@ -328,7 +338,7 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
         origin = source.rows if split == "train" else source.eval_rows
         if result.error:
             raise DataError(f"{origin.where(index)}: {result.error}")
-        if result.checked_turns:
+        if result.checked_turns or result.problems:
             counters["rows_checked"] += 1
             counters["turns_checked"] += result.checked_turns
         for name in {name for name, _ in result.problems}:
@@ -336,6 +346,12 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
             if len(checks[name]["examples"]) < EXAMPLES_PER_CHECK:
                 detail = next(d for n, d in result.problems if n == name)
                 checks[name]["examples"].append(f"{origin.where(index)}: {detail}")
+        if result.untrained:
+            empty["turns"] += len(result.untrained)
+            empty["rows"] += 1
+            if len(empty["examples"]) < EXAMPLES_PER_CHECK:
+                empty["examples"].append(f"{origin.where(index)}: "
+                                         + ", ".join(f"message {m + 1}" for m in result.untrained))
         reason = result.drop
         if reason is None:
             counters["rows_truncated"] += result.truncated
@@ -366,15 +382,17 @@ def _tokenize_sources(sources: list[_Source], inputs: _Inputs, config: SFTConfig
                 [r.image_tokens or [] for _, r in items] if any(r.images is not None for _, r in items) else None,
             )
         documents.append(per_split)
-    stats.update(counters, rows_dropped=dropped, template_checks=checks)
+    stats.update(counters, rows_dropped=dropped, template_checks=checks, empty_replies=empty)
     stats["sources"] = [
         {"name": source.label, "format": source.format, "rows_read": source.read,
          "train_documents": len(documents[s]["train"]), "eval_documents": len(documents[s]["eval"])}
         for s, source in enumerate(sources)
     ]
     if require_rows and not any(len(d["train"]) for d in documents):
+        missing = checks["content_not_rendered"]["examples"]  # a row, so the template's gap can be seen
         raise DataError(_nothing_left_message(config, dropped_from_training, sum(len(s.train) for s in sources),
-                                              [s.label for s in sources if s.train]))
+                                              [s.label for s in sources if s.train])
+                        + (f"; e.g. {missing[0]}" if missing else ""))
     return documents, stats
 
 
@@ -472,6 +490,10 @@ def _nothing_left_message(config: SFTConfig, dropped: dict[str, int], total: int
         "truncated_to_nothing": f"keep no trained token after truncation to max_length={config.max_length} "
                                 f"(truncation_mode={config.truncation_mode}): raise max_length",
         "no_trained_tokens": "have no token to train",
+        "empty_reply": "have only empty assistant replies (an empty reply is never trained)",
+        "all_turns_masked": "have every assistant message masked (weight: 0 or train: false)",
+        "content_not_rendered": "hold text, tool calls or tools the chat template leaves out (use a chat template "
+                                "that renders them: chat_template_path)",
         "image_beyond_max_length": f"have images whose tokens do not fit in max_length={config.max_length} "
                                    "(truncation never cuts an image): raise max_length",
     }
@@ -570,6 +592,10 @@ def _log_stats(stats: dict[str, Any]) -> None:
     if stats["eval_rows"]:
         log.info("data: %d eval rows", stats["eval_rows"])
     log_findings(stats, log)
+    empty = stats.get("empty_replies") or {}
+    if empty.get("turns"):
+        log.warning("data: %d empty assistant replies (in %d rows) are not trained, e.g. %s", empty["turns"],
+                    empty["rows"], "; ".join(empty["examples"]))
     checks = stats["template_checks"]
     if stats["rows_checked"]:
         failed = {name: c for name, c in checks.items() if c["rows"]}
@@ -578,7 +604,7 @@ def _log_stats(stats: dict[str, Any]) -> None:
                      stats["turns_checked"])
         for name, c in failed.items():
             log.warning("template check: %d of %d rows: %s, e.g. %s", c["rows"], stats["rows_checked"], CHECKS[name],
-                        c["examples"][0])
+                        "; ".join(c["examples"]))
 
 
 # ---------------------------------------------------------------- the cache

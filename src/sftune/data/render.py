@@ -12,6 +12,10 @@ Checks, per row, on every trained turn (every assistant turn when all tokens are
   turn of each row; at later turns the generation prompt must sit where the turn starts and no token may straddle
   the prompt's end. The masks stay right either way: they follow the training text.
 - stop_not_trained: the turn's trained tokens do not end with a token that stops generation.
+- content_not_rendered: the rendering lacks a message's text or tool calls, or the tools' schema (the row is
+  dropped: its turns would train as what is left).
+- reasoning_dropped: a trained turn's reasoning is not in the rendering (reported; the turn trains without it).
+Empty assistant replies are never trained (loss_turns.py): the turn is left out of the loss, and counted.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import numpy as np
 from sftune.config import SFTConfig
 from sftune.data.image_tokens import ImagePlaceholders, PlaceholderCountError, image_size, vision_token_ids
 from sftune.data.template import TemplateShape, analyse_template, content_text, render
+from sftune.data.loss_turns import trained_messages
+from sftune.data.turn_checks import missing_parts
 from sftune.errors import UserError
 from sftune.tokenizer import special_prefix_ids
 
@@ -33,6 +39,11 @@ CHARS_PER_TOKEN_BOUND = 8  # text this many characters per max_length token long
 CHECKS = {
     "prompt_not_prefix": "the inference prompt is not a token prefix of the training sequence",
     "stop_not_trained": "a trained assistant turn does not end with a token that stops generation",
+    "content_not_rendered": "the chat template leaves out part of the row (text, tool calls or the tools' schema), "
+                            "so those rows are not trained: use a chat template that renders them (chat_template_path)",
+    "reasoning_dropped": "the chat template leaves out the reasoning of a trained assistant turn (templates like "
+                         "Qwen3's keep only the latest turns' reasoning): set split_assistant_turns: true to train "
+                         "each turn with its own reasoning",
 }
 
 
@@ -50,6 +61,7 @@ class Tokenized:
     image_tokens: list[int] | None = None  # tokens each image takes, delimiters included
     error: str | None = None  # a problem with the row that stops preparation (the caller adds where it is)
     fingerprint: Any = None  # the data doctor's summary of the example (doctor.py)
+    untrained: list[int] = field(default_factory=list)  # the empty assistant replies, never trained
 
 
 @dataclass
@@ -187,34 +199,27 @@ class ExampleTokenizer:
 
     # ------------------------------------------------------------ conversations
 
-    def _trained_messages(self, example: dict) -> list[int] | None:
-        """Indices of the assistant messages that carry loss, or None when every token does."""
-        messages, completion_start = example["messages"], example["completion_start"]
-        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if self.loss_mask == "last_assistant":
-            return assistants[-1:]
-        if self.loss_mask == "assistant":
-            return assistants
-        if completion_start is not None and self.loss_mask == "completion":
-            return [i for i in assistants if i >= completion_start]
-        return None
-
     def _conversations(self, examples: list[dict]) -> list[Tokenized]:
         if self.backend is None:
             raise UserError("conversations need a fast tokenizer (with character offsets); this one is a slow one")
         results = [Tokenized() for _ in examples]
         jobs: list[_Job] = []
         for example, result in zip(examples, results):
-            trained = self._trained_messages(example)
+            trained = trained_messages(example, self.loss_mask, result)
             messages = example["messages"]
+            if result.error or result.drop:
+                continue
             if trained is not None:
                 if not trained:
-                    result.drop = "no_assistant_turn"
+                    result.drop = ("empty_reply" if result.untrained else "all_turns_masked"
+                                   if example.get("message_training") else "no_assistant_turn")
                     continue
                 messages = messages[: trained[-1] + 1]  # later turns would cost compute and train nothing
             images = example.get("images")
             shape = self.shape(example["chat_template_kwargs"], parts=images is not None)
             text, marked = render(shape, messages, example["tools"], with_spans=shape.has_generation_markers)
+            if self._misses_content(result, text, messages, example["tools"], trained):
+                continue
             turns = _turns_from_markers(messages, marked) if marked else None
             if turns is None:
                 turns = _locate_turns(text, messages, shape)
@@ -245,6 +250,22 @@ class ExampleTokenizer:
             prompt_ids = next(encoded_prompts) if job.prompt is not None else None
             self._finish(job, text, encoding, prompt_ids)
         return results
+
+    def _misses_content(self, result: Tokenized, text: str, messages: list[dict], tools: list | None,
+                        trained: list[int] | None) -> bool:
+        """Record what the rendering leaves out (turn_checks.py); True when the row cannot be trained as it is: a
+        message's text or tool calls, or the tools' schema, are not written. Reasoning left out of a trained turn
+        is reported; the turn trains without it."""
+        trained_set = set(trained) if trained is not None else {i for i, m in enumerate(messages)
+                                                                if m["role"] == "assistant"}
+        missing = missing_parts(text, messages, tools, trained_set)
+        for part in missing:
+            check = "reasoning_dropped" if part.what == "reasoning" else "content_not_rendered"
+            result.problems.append((check, f"{part.where(messages)} is not in the template's rendering"))
+        if any(part.what != "reasoning" for part in missing):
+            result.drop = "content_not_rendered"
+            return True
+        return False
 
     @property
     def placeholders(self) -> ImagePlaceholders:
@@ -313,6 +334,9 @@ class ExampleTokenizer:
             np.add.at(depth, last[:n][has_tokens[:n]] + 1, -1)
             trained = np.cumsum(depth[:-1]) > 0
             labels[trained] = ids[trained]
+        for number, turn in enumerate(turns if job.train_all else ()):  # empty replies: never trained
+            if turn.message in result.untrained and has_tokens[number]:
+                labels[first[number]:last[number] + 1] = IGNORE_INDEX
         image_ranges = [(int(a), int(b) + 1) for a, b in zip(first[n:], last[n:])]
         for a, b in image_ranges:
             labels[a:b] = IGNORE_INDEX

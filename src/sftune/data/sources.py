@@ -337,6 +337,8 @@ def _open_hub(name: str, split: str, config_name: str | None, data_dir: str | No
 
 def _open_in_memory(label: str, data: Any) -> OpenedSplit:
     if isinstance(data, list):
+        if not data:
+            raise DataError(f"{label}: the list of rows is empty: give at least one row")
         if not all(isinstance(row, dict) for row in data):
             raise DataError(f"{label}: expected a list of dicts (one per row) or a datasets.Dataset")
         digest = hashlib.blake2b(json.dumps(data, sort_keys=True, default=fingerprint_default).encode(), digest_size=16)
@@ -344,6 +346,9 @@ def _open_in_memory(label: str, data: Any) -> OpenedSplit:
         return OpenedSplit("list:" + digest.hexdigest(), lambda: SourceRows(label, rows, _row_origins(label, rows)))
     if hasattr(data, "to_list") and hasattr(data, "data"):  # a datasets.Dataset
         return OpenedSplit("dataset:" + _dataset_content_hash(data), lambda: _rows_of_dataset(data, label))
+    if isinstance(data, dict):  # one row, or columns: either way not rows
+        raise DataError(f"{label}: expected a datasets.Dataset or a list of dicts (one per row), got a dict: "
+                        "wrap one row in a list ([row]), or give columns as datasets.Dataset.from_dict(...)")
     raise DataError(f"{label}: expected a datasets.Dataset or a list of dicts, got {type(data).__name__}")
 
 

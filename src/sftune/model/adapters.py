@@ -71,6 +71,21 @@ def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None) -> None
     model.enable_input_require_grads()
 
 
+def check_modules_to_save(model: nn.Module, names: list[str]) -> None:
+    """Each lora_modules_to_save name must match a module (as peft matches them: the full name or its last
+    parts); peft would train nothing for a name that matches none, without a word."""
+    import difflib
+
+    modules = [name for name, _ in model.named_modules() if name]
+    for wanted in names:
+        if not any(name == wanted or name.endswith("." + wanted) for name in modules):
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in modules if not name.rsplit(".", 1)[-1].isdigit()})
+            close = difflib.get_close_matches(wanted, leaves, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"config key 'lora_modules_to_save' names '{wanted}', which matches no module of the "
+                              f"model: {hint}(modules include: {', '.join(leaves[:12])})")
+
+
 def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
     """Wrap `model` in a peft model with new LoRA adapters, or with the adapter at config.adapter_name_or_path."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -96,6 +111,7 @@ def add_adapters(model: nn.Module, config: SFTConfig) -> nn.Module:
     else:
         targets = config.lora_target_modules or default_target_modules(model)
         check_target_parameters(model, config.lora_target_parameters)
+        check_modules_to_save(model, config.lora_modules_to_save or [])
         lora = LoraConfig(
             task_type="CAUSAL_LM",
             r=config.lora_r,
