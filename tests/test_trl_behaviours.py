@@ -93,7 +93,7 @@ def test_use_cpu_keeps_training_off_the_gpu(monkeypatch):
 
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
-    monkeypatch.setattr(accelerate, "Accelerator", lambda cpu=False: asked.append(cpu))
+    monkeypatch.setattr(accelerate, "Accelerator", lambda cpu=False, **kwargs: asked.append(cpu))
     run.make_accelerator(SFTConfig(use_cpu=True))
     run.make_accelerator(SFTConfig())
     assert asked == [True, False]
