@@ -7,6 +7,7 @@ behaves the same, and one shows that --debug gives the traceback instead.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,9 @@ def set_up(case: dict, tmp: Path, model_dir: Path, vlm_dir: Path | None = None) 
             shutil.copytree(model_dir, folder)
             for name in step.get("drop", []):
                 (folder / name).unlink()
+            if "config_changes" in step:  # config.json no longer describes the weights
+                values = json.loads((folder / "config.json").read_text())
+                (folder / "config.json").write_text(json.dumps({**values, **step["config_changes"]}))
             if step.get("pickled"):
                 import torch
                 from safetensors.torch import load_file

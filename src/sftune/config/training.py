@@ -137,7 +137,7 @@ class TrainingSettings:
         need(0.0 <= self.adam_beta2 < 1.0, "adam_beta2", "must be in [0, 1)")
         need(self.adam_epsilon > 0, "adam_epsilon", "must be > 0")
         need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
-        need(self.seed >= 0, "seed", "must be >= 0")
+        need(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32) (numpy's range)")
         need(self.loss_chunk_size is None or self.loss_chunk_size >= 1, "loss_chunk_size", "must be >= 1")
         need(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
         need(self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0, "neftune_noise_alpha",

@@ -218,6 +218,10 @@ def load_model(config: SFTConfig, device: torch.device | str | None = None, quie
         raise ConfigError(f"config key 'model_init_kwargs': {model_class.__name__}.from_pretrained refused "
                           f"them ({first_line(err)}): check model_init_kwargs") from None
     except RuntimeError as err:
+        if "ignore_mismatched_sizes" in str(err):  # transformers: shapes in the weights differ from config.json's
+            raise UserError(f"the weights of model '{name}' do not fit its config.json (some tensors have other "
+                            "shapes): the config and the weights come from different models; use the config.json "
+                            "the weights were saved with") from None
         if quantization is None:
             raise
         raise UserError(

@@ -5,7 +5,8 @@ writes them, `optimizer.pt`, `scheduler.pt`, `rng_state.pt` (every process's gen
 (step, tokens seen, loss scale), `master_weights.safetensors` (the fp32 master weights, where the model files
 hold them in the checkpoint's own lower dtype) and the run's config. The data position is the step itself: the data order is a pure
 function of (seed, epoch). It is written into a hidden `.partial` folder and renamed into place in one step, so
-a folder named `checkpoint-<step>` is always complete.
+a folder named `checkpoint-<step>` was complete when written; its manifest (written last, manifest.py) is checked
+before a resume reads it, so one damaged since is named, never loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sftune.errors import UserError, write_failure_reason
+from sftune.training.manifest import manifest_problem, write_manifest
 
 if TYPE_CHECKING:
     import torch
@@ -53,11 +55,26 @@ def resolve_resume_path(output_dir: Path, resume: bool | str | None) -> Path | N
         return None
     if resume is True:
         found = list_checkpoints(output_dir)
-        return refuse_model_only(found[-1][1]) if found else None
+        return refuse_model_only(intact(found[-1][1])) if found else None
     path = Path(resume).expanduser()
     if not (path / STATE_FILE).is_file():
         raise UserError(f"resume_from_checkpoint '{resume}' is not a checkpoint folder (no {STATE_FILE} in it)")
-    return refuse_model_only(path)
+    return refuse_model_only(intact(path))
+
+
+def intact(path: Path) -> Path:
+    """`path`, if its files match its manifest; else an error naming what is wrong and the newest earlier
+    checkpoint of its run that is intact."""
+    problem = manifest_problem(path)
+    if problem is None:
+        return path
+    step = int(_NAME.match(path.name).group(1)) if _NAME.match(path.name) else None
+    earlier = [p for s, p in reversed(list_checkpoints(path.parent)) if step is None or s < step]
+    good = next((p for p in earlier if manifest_problem(p) is None), None)
+    instead = (f"resume from the previous complete one (resume_from_checkpoint: {good})" if good is not None else
+               "no earlier checkpoint is complete: start the run again")
+    raise UserError(f"checkpoint '{path}' is damaged or incomplete ({problem}), so training cannot continue from "
+                    f"it: {instead}, and delete '{path}'")
 
 
 def is_model_only(path: Path) -> bool:
@@ -149,6 +166,7 @@ def publish_checkpoint(
             torch.save({"processes": rng_states}, stage / "rng_state.pt")
         shutil.copyfile(config_path, stage / config_path.name)
         (stage / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        write_manifest(stage)  # last: a checkpoint whose files do not match it is not used (manifest.py)
         _fsync_tree(stage)
         if final.exists():  # the same step saved again (after a resume): swap the new one in
             old = stage.parent / f".{PREFIX}{step}.old-{uuid.uuid4().hex[:8]}"
