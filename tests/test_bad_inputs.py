@@ -58,6 +58,9 @@ def set_up(case: dict, tmp: Path, model_dir: Path, vlm_dir: Path | None = None) 
             shutil.copytree(model_dir, folder)
             for name in step.get("drop", []):
                 (folder / name).unlink()
+            if "truncate" in step:  # half of the file, as a copy that stopped
+                data = (folder / step["truncate"]).read_bytes()
+                (folder / step["truncate"]).write_bytes(data[:len(data) // 2])
             if "config_changes" in step:  # config.json no longer describes the weights
                 values = json.loads((folder / "config.json").read_text())
                 (folder / "config.json").write_text(json.dumps({**values, **step["config_changes"]}))

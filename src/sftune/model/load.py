@@ -99,7 +99,9 @@ def _load_error(what: str, config: SFTConfig, err: Exception) -> UserError:
             f"model '{name}' ships its own Python code: set trust_remote_code: true only if you trust its authors"
         )
     hint = ""
-    if what == "the model" and "safetensors" in message and not config.allow_pickled_weights:
+    if "deserializing" in message:  # safetensors could not read a weights file
+        hint = ": a weights file is damaged or cut short; copy or download the model again"
+    elif what == "the model" and "safetensors" in message and not config.allow_pickled_weights:
         hint = " (only safetensors weights load unless allow_pickled_weights: true; set it only if you trust the files)"
     return UserError(f"could not load {what} of '{name}' from the {_where(name)}: {message}{hint}")
 
@@ -208,9 +210,11 @@ def load_model(config: SFTConfig, device: torch.device | str | None = None, quie
             kwargs["device_map"] = {"": device}
     kwargs.update(_init_kwargs(config))
     model_class = AutoModelForImageTextToText if kind == IMAGE_TEXT_TO_TEXT else AutoModelForCausalLM
+    from safetensors import SafetensorError
+
     try:
         model = model_class.from_pretrained(name, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError) as err:
+    except (OSError, ValueError, KeyError, ImportError, SafetensorError) as err:
         raise _load_error("the model", config, err) from None
     except TypeError as err:
         if not config.model_init_kwargs:
