@@ -282,8 +282,18 @@ def _read_json_lines(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path} line {number}: malformed JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+            if "\\ud" in line.lower():  # an escaped UTF-16 surrogate: fine in pairs, a lone one is no text
+                _refuse_lone_surrogates(row, f"{path} line {number}")
             rows.append(row)
     return rows
+
+
+def _refuse_lone_surrogates(row: dict, where: str) -> None:
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{where}: the text holds a lone UTF-16 surrogate ({err.object[err.start:err.end]!r}), which "
+                        "is not a character: the file was written from broken text; fix or drop that row") from None
 
 
 def _read_json_document(path: Path) -> list[dict[str, Any]]:
@@ -304,7 +314,12 @@ def _read_json_document(path: Path) -> list[dict[str, Any]]:
 def _open_saved_dataset(name: str, path: Path, split: str) -> OpenedSplit:
     from datasets import DatasetDict, load_from_disk
 
-    data = load_from_disk(str(path))
+    try:
+        data = load_from_disk(str(path))
+    except Exception as err:  # a damaged or half-copied folder: datasets and pyarrow raise many kinds
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"dataset folder '{path}' (written by datasets' save_to_disk) cannot be read ({first}): "
+                        "save or copy it again") from None
     if isinstance(data, DatasetDict):
         if split not in data:
             raise DataError(f"dataset '{name}' has no split '{split}' (splits: {', '.join(data)})")
