@@ -7,13 +7,13 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from conftest import build_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sftune import SFTConfig, train
 from sftune.errors import ConfigError
 from sftune.training.loss import CausalLMWithLoss
 from sftune.training.offload import ActivationOffload
-from tests.conftest import build_model
 
 
 def _batch(vocab_size: int, rows: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
