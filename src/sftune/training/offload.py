@@ -2,12 +2,13 @@
 forward pass are moved to CPU memory and brought back when backward needs them.
 
 It goes in through torch's saved-tensor hooks (`torch.autograd.graph.saved_tensors_hooks`), entered around each
-training micro-batch's forward pass only (the unpacking runs in backward, wherever that is called). On CUDA a saved activation is copied into pinned host memory on
-a side stream (so the copy overlaps the forward's compute), and its GPU memory is released once the copy is done;
-backward waits for that copy and brings it back with an asynchronous host-to-device copy. What it costs: the GPU
-memory of the saved activations is traded for the same amount of pinned CPU memory and two PCIe transfers per
-activation per step: the step is slower by whatever part of the transfers the compute does not hide (not measured
-here: this machine has no GPU).
+training micro-batch's forward pass only (the unpacking runs in backward, wherever that is called). On CUDA a saved
+activation is copied into pinned host memory on a side stream (so the copy overlaps the forward's compute), and its
+GPU memory is released once the copy is done; backward waits for that copy and brings it back with an asynchronous
+host-to-device copy. What it costs: the GPU memory of the saved activations is traded for the same amount of pinned
+CPU memory and two PCIe transfers per activation per step: the step is slower by whatever part of the transfers the
+compute does not hide (not measured here: this machine has no GPU). On another accelerator (MPS, XPU) the copies
+are plain synchronous ones.
 
 Parameters (and views of them) and small tensors stay where they are: copying a weight to the host saves no GPU
 memory, and for tiny tensors the transfer costs more than it frees. On a CPU run the activations are in CPU
@@ -40,14 +41,14 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, device: torch.device, min_bytes: int = MIN_OFFLOAD_BYTES):
         self.device, self.min_bytes = device, min_bytes
-        self.moves = device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(device) if self.moves else None
+        self.moves = device.type != "cpu"
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.packed = 0
         self.packed_bytes = 0
         super().__init__(self._pack, self._unpack)
         if self.moves:
-            log.info("activation_offloading: saved activations go to pinned CPU memory during forward and come back "
-                     "for backward")
+            log.info("activation_offloading: saved activations go to %sCPU memory during forward and come back for "
+                     "backward", "pinned " if self.copy_stream is not None else "")
         else:
             log.info("activation_offloading: on %s the activations are in CPU memory already, so nothing moves "
                      "(the offloading hooks still run)", device.type)
@@ -58,8 +59,10 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
             return tensor
         self.packed += 1
         self.packed_bytes += size
-        if not self.moves or tensor.device.type != "cuda":
+        if not self.moves or tensor.device.type == "cpu":
             return _Kept(tensor)
+        if self.copy_stream is None:  # another accelerator (mps, xpu): a plain copy, no side stream
+            return _OnHost(tensor.to("cpu"), tensor.device, None)
         return self._to_host(tensor)
 
     def _to_host(self, tensor: torch.Tensor) -> _OnHost:
@@ -80,6 +83,8 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
             return packed
         if isinstance(packed, _Kept):
             return packed.tensor
+        if packed.done is None:
+            return packed.host.to(packed.device)
         torch.cuda.current_stream(packed.device).wait_event(packed.done)  # the device-to-host copy has finished
         return packed.host.to(packed.device, non_blocking=True)
 
@@ -94,9 +99,9 @@ class _Kept:
 
 
 class _OnHost:
-    """An activation in pinned host memory, with the event that marks its copy there done."""
+    """An activation in host memory; on CUDA, pinned, with the event that marks its copy there done."""
 
     __slots__ = ("host", "device", "done")
 
-    def __init__(self, host: torch.Tensor, device: torch.device, done: torch.cuda.Event):
+    def __init__(self, host: torch.Tensor, device: torch.device, done: torch.cuda.Event | None):
         self.host, self.device, self.done = host, device, done
