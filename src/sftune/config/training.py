@@ -112,8 +112,8 @@ class TrainingSettings:
         "transfers. On a CPU run nothing moves.", "training",
     )
     sequence_parallel_size: int = opt(
-        1, "Processes each row's sequence is split across (sequence / context parallelism). Only 1 for now: no "
-        "engine that can do it is available here (see README, Long context).", "training",
+        1, "Processes each row's sequence is split across (sequence / context parallelism). Only 1 for now: sftune "
+        "does not yet drive an engine that splits a sequence (see README, Long context).", "training",
     )
     # precision (issue 13): TRL's bf16 / fp16 flags, bf16 weights without fp32 masters, the dtype files are saved in
     bf16: bool | None = opt(
