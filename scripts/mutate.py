@@ -179,6 +179,18 @@ MUTANTS = (
         "training/checkpoint.py", "        params[name].data.copy_(tensor)", "        pass",
         ("tests/test_precision.py::test_resume_under_bf16_precisions_equals_the_uninterrupted_run",),
     ),
+    Mutant(
+        "offload_unpack", "activation offloading gives backward zeros instead of the activations it took",
+        "training/offload.py", "            return packed.tensor", "            return torch.zeros_like(packed.tensor)",
+        ("tests/test_long_context.py::test_offloading_hooks_take_the_saved_activations_and_change_no_gradient",),
+    ),
+    Mutant(
+        "loss_one_chunk", "the fused loss projects every trained token at once ([tokens, vocab] logits)",
+        "training/loss.py", "        for start in range(0, hidden.shape[0], chunk_tokens):\n            chunk, chunk_targets",
+        "        chunk_tokens = hidden.shape[0]\n        for start in range(0, hidden.shape[0], chunk_tokens):\n"
+        "            chunk, chunk_targets",
+        ("tests/test_long_context.py::test_loss_memory_grows_with_the_chunk_not_with_the_row_length",),
+    ),
 )
 
 

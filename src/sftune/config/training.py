@@ -13,6 +13,15 @@ from sftune.config.fields import Problems, opt
 DEFAULT_LEARNING_RATE = 2e-5
 DEFAULT_PEFT_LEARNING_RATE = 2e-4
 
+# Why sequence parallelism is refused (sequence_parallel_size, TRL's parallelism_config): sftune writes no attention
+# all-to-all of its own, and of the engines that split a sequence, torch's ring context parallelism (accelerate's
+# ParallelismConfig, FSDP2) needs CUDA, and DeepSpeed's Ulysses is not installed and, measured, lets packed
+# documents attend across each other (shared/NOTES.md).
+SEQUENCE_PARALLEL_UNAVAILABLE = (
+    "splitting a sequence across processes needs an engine sftune does not drive yet (torch's ring context "
+    "parallelism through accelerate's ParallelismConfig on CUDA GPUs, or DeepSpeed Ulysses); for long rows use "
+    "activation_offloading, activation_checkpointing and the chunked loss (loss_chunk_size)")
+
 
 def unset_learning_rate(use_peft: bool) -> float:
     """The learning rate a config that leaves it unset trains with (README, `--help`)."""
@@ -96,6 +105,16 @@ class TrainingSettings:
         "forward passes only (evaluation, generation and the saved model never see it); TRL suggests 5. Unset: off.",
         "training",
     )
+    # long context (issue 18)
+    activation_offloading: bool = opt(
+        False, "Move the activations saved for backward to (pinned) CPU memory during each training forward pass and "
+        "bring them back for backward (torch's saved-tensor hooks): less GPU memory, for host memory and PCIe "
+        "transfers. On a CPU run nothing moves.", "training",
+    )
+    sequence_parallel_size: int = opt(
+        1, "Processes each row's sequence is split across (sequence / context parallelism). Only 1 for now: sftune "
+        "does not yet drive an engine that splits a sequence (see README, Long context).", "training",
+    )
     # precision (issue 13): TRL's bf16 / fp16 flags, bf16 weights without fp32 masters, the dtype files are saved in
     bf16: bool | None = opt(
         None,
@@ -146,6 +165,10 @@ class TrainingSettings:
         if self.label_smoothing_factor > 0 and self.loss_type == "dft":
             problems.add(f"config key 'label_smoothing_factor' ({self.label_smoothing_factor}) does not combine with "
                          "loss_type: dft (DFT weights each token by its own probability): set one of them")
+        need(self.sequence_parallel_size >= 1, "sequence_parallel_size", "must be >= 1")
+        if self.sequence_parallel_size > 1:
+            problems.add(f"config key 'sequence_parallel_size' = {self.sequence_parallel_size} is not supported: "
+                         f"{SEQUENCE_PARALLEL_UNAVAILABLE}; set it to 1")
         need(self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0, "router_aux_loss_coef",
              "must be >= 0 (0 turns the balancing loss off)")
         self._check_precision(problems)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sftune.config.compat import ALIASES
+from sftune.config.training import SEQUENCE_PARALLEL_UNAVAILABLE
 
 FIELD, ALIAS, INERT, REFUSED, NOT_YET = "field", "alias", "inert", "refused", "not_yet"
 ANY = None  # an inert key whose every value is harmless
@@ -207,7 +208,7 @@ TRL_KEYS: tuple[TrlKey, ...] = (
     _field("use_cpu", TRAINING, False),
     _inert("accelerator_config", TRAINING, None, "accelerate's settings come from `accelerate launch "
            "--config_file`; remove accelerator_config", only=(None,)),
-    _not_yet("parallelism_config", TRAINING, None, "issue 18"),
+    _refused("parallelism_config", TRAINING, None, SEQUENCE_PARALLEL_UNAVAILABLE + "; remove parallelism_config"),
     _inert("dataloader_drop_last", TRAINING, False, NO_DATALOADER + "; an epoch's last partial step is trained, "
            "so remove dataloader_drop_last", only=(False,)),
     _inert("dataloader_num_workers", TRAINING, 0, NO_DATALOADER),

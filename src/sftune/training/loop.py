@@ -37,6 +37,7 @@ from sftune.training.interrupt import StopSignals
 from sftune.training.loss import CausalLMWithLoss
 from sftune.training.metrics import TokenTotals, eval_metrics, train_metrics
 from sftune.training.neftune import NEFTune, input_embedding
+from sftune.training.offload import ActivationOffload
 from sftune.training.optim import build_optimizer, build_scheduler
 from sftune.training.report import Reporter, peak_memory_mb
 from sftune.training.vision import drop_blank_gradients
@@ -96,6 +97,8 @@ class Trainer:
         # NEFTune noise only around the training micro-batches (training/neftune.py)
         self.training_noise = nullcontext() if not config.neftune_noise_alpha else NEFTune(
             input_embedding(accelerator.unwrap_model(self.loss_model).causal_lm), config.neftune_noise_alpha)
+        # activation_offloading: saved activations in CPU memory between forward and backward (training/offload.py)
+        self.offload = ActivationOffload(accelerator.device) if config.activation_offloading else nullcontext()
         # Mixture-of-Experts: the router's balancing loss and expert-load figures (None for a dense model)
         self.balance = moe.balance_for(loss_model.router, config.router_aux_loss_coef, self.world_size,
                                        self._reduce_sum)
@@ -196,7 +199,9 @@ class Trainer:
             sources = batch.pop("source_ids", None)
             last = i == len(micro_batches) - 1
             with nullcontext() if last else accelerator.no_sync(self.loss_model), self.training_noise:
-                with self.precision.autocast():  # forward and loss; backward runs outside autocast
+                # forward and loss; backward runs outside autocast, and outside the offloading hooks: what backward
+                # saves (a reentrant checkpoint's recomputation) is used at once, so moving it would only cost
+                with self.precision.autocast(), self.offload:
                     out = self.loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
                 loss = out["loss_sum"] * scale
                 if self.balance is not None and (aux := self.balance.micro_batch_loss(out["routing"])) is not None:
