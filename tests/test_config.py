@@ -87,7 +87,7 @@ def test_saved_config_round_trips(tmp_path):
         ({"lr_scheduler_type": "cosin"}, "(did you mean 'cosine'?)"),
         ({"overwrite_output_dir": "maybe"}, "expected true or false"),
         ({"model_name_or_path": 5}, "'model_name_or_path' = 5: expected text"),
-        ({"seed": -3}, "'seed' = -3: must be >= 0"),
+        ({"seed": -3}, "'seed' = -3: must be in [0, 2**32)"),
         ({"max_seq_length": 5, "max_length": 6}, "key 'max_length' is given twice"),
     ],
 )
