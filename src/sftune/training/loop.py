@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -105,6 +106,7 @@ class Trainer:
         self.skipped_steps = 0
         self.totals = TokenTotals(source_names, config.loss_type == "dft", accelerator.device)
         self.interval_seconds = 0.0
+        self.interval_step_seconds: list[float] = []  # wall time of each optimizer step since the last metrics line
         self.last_eval_step = -1
         self.last_logged_step = -1
         self.signals: StopSignals | None = None  # while fit runs
@@ -146,7 +148,9 @@ class Trainer:
                         step_tokens, grad_norm, step_loss = self._optimizer_step(micro_batches)
                     except _StepAbandoned as stopped:
                         self._stop_within_step(stopped)
-                    self.interval_seconds += time.perf_counter() - started
+                    step_seconds = time.perf_counter() - started
+                    self.interval_seconds += step_seconds
+                    self.interval_step_seconds.append(step_seconds)
                     self.step += 1
                     self.num_tokens += step_tokens
                     self.reporter.step(step_loss, learning_rate, self._interval_tokens() / max(self.interval_seconds, 1e-9))
@@ -297,6 +301,10 @@ class Trainer:
             "num_tokens": self.num_tokens,
             "tokens_per_second": float(sums[:, 0].sum()) / max(self.interval_seconds, 1e-9),
             "peak_memory_mb": round(peak_memory_mb(), 1),
+            # the median, not the mean: `sftune estimate` predicts a typical step, and one slow step (a checkpoint's
+            # neighbour, the first step's allocations) should not move it
+            "step_seconds": round(statistics.median(self.interval_step_seconds), 4) if self.interval_step_seconds
+            else 0.0,
         }
         if self.balance is not None:
             metrics.update(self.balance.interval_metrics())
@@ -306,6 +314,7 @@ class Trainer:
         self.last_logged_step = self.step
         self.totals.reset()
         self.interval_seconds = 0.0
+        self.interval_step_seconds = []
         return metrics
 
     def _due(self, strategy: str, every: int, epoch_done: bool) -> bool:
