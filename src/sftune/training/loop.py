@@ -234,6 +234,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return step_tokens, grad_norm, step_loss
 
+    def optimizer_step_on(self, micro_batches: list[Batch]) -> tuple[int, float, float]:
+        """One optimizer step on the given micro-batches, outside fit (sftune estimate's calibration)."""
+        return self._optimizer_step(micro_batches)
+
     def _routing_forward(self, batch: Batch) -> moe.Routing:
         """An MoE model's routing of one micro-batch, without the loss (the balancing loss's pre-pass)."""
         inputs = {k: v.to(self.accelerator.device) for k, v in batch.items() if k != "source_ids"}
