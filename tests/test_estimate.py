@@ -165,3 +165,36 @@ def test_calibrated_prediction_matches_the_run(small_model_dir, tmp_path, name):
     assert predicted["step_seconds"] == pytest.approx(step, rel=0.30)
     # the model and its activations are a real part of the peak, not just the Python process around them
     assert predicted["peak_memory_mb"] - predicted["parts_mb"]["process"] > 0.1 * peak
+
+
+def test_train_logs_the_estimate_before_the_model_loads(small_model_dir, tmp_path, capsys):
+    config = load_config(str(write_config(tmp_path, small_model_dir, max_steps=1)))
+    from sftune import train
+
+    train(config)
+    err = capsys.readouterr().err
+    logged = next(line for line in err.splitlines() if "estimate (formula, uncalibrated" in line)
+    assert "weights 13" in logged and "1 steps" in logged
+    assert err.index("estimate (formula") < err.index("parameters:")  # before the model is loaded and adapted
+
+
+def test_a_run_that_cannot_fit_stops_before_loading_with_the_settings_that_fit(small_model_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    import re
+
+    from sftune.estimate import calibrate, fit
+
+    monkeypatch.setattr(calibrate, "process_baseline_bytes", lambda: 100 * 2**20)  # the same process line each time
+    path = write_config(tmp_path, small_model_dir)
+    full = estimate_run(load_config(str(path)), "cpu", calibrate=False)
+    lora = estimate_run(load_config(str(path), {"use_peft": True}), "cpu",
+                        calibrate=False)
+    device = (full.peak_memory_mb + lora.peak_memory_mb) / 2  # LoRA fits, full fine-tuning does not
+    monkeypatch.setattr(fit, "device_memory_mb", lambda device_type: device)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "this run needs about" in err[-1] and "settings that fit:" in err[-1] and "use_peft: true (" in err[-1]
+    listed = [float(mb.replace(",", "")) for mb in re.findall(r"\(([\d,]+) MB\)", err[-1])]
+    assert listed and max(listed) <= device  # only settings that fit, each with its predicted peak
+    assert not (tmp_path / "run-c").exists()  # stopped before anything was written
+    assert not any("parameters:" in line for line in err)  # and before the model loaded

@@ -93,7 +93,7 @@ def total_steps(config: SFTConfig, steps_per_epoch: int) -> int:
 
 
 def estimate_run(config: SFTConfig, device: str | None = None, calibrate: bool = True, data: Any = None,
-                 log_progress: bool = True) -> Estimate:
+                 log_progress: bool = True, probe_seconds: float = 0.25) -> Estimate:
     """The estimate for `config` on `device` (None or 'local': this machine's device; 'cpu'; 'cuda'; a name of
     devices.DEVICES). A named device is never calibrated. `data`: the prepared data when the caller has it."""
     import torch
@@ -161,7 +161,7 @@ def estimate_run(config: SFTConfig, device: str | None = None, calibrate: bool =
         parts["activations"] = activations / MB
         parts["loss"] = loss / MB
         parts["allocator_overhead"] = formula.ALLOCATOR_OVERHEAD * (sum(parts.values()) - parts.get("process", 0))
-        rate = target.effective_flops if target is not None else cpu_flops()
+        rate = target.effective_flops if target is not None else cpu_flops(probe_seconds)
         seconds = [formula.step_flops(arch, size.linear_params, head_params, config, step, _widths(step, plan))
                    / rate for step in per_step]
         notes.append("uncalibrated: activations from the per-architecture formula, time from "
@@ -181,14 +181,14 @@ def _widths(step: list[int], plan: Any) -> list[int]:
     return [max(1, t // rows) for t in step]
 
 
-def cpu_flops() -> float:
-    """This CPU's fp32 matmul rate, from a quarter second of 512 x 512 products (what the formula's time uses on a
-    CPU without calibration)."""
+def cpu_flops(seconds: float = 0.25) -> float:
+    """This CPU's fp32 matmul rate, from `seconds` of 512 x 512 products (what the formula's time uses on a CPU
+    without calibration); at least one product."""
     import torch
 
     a, b = torch.randn(512, 512), torch.randn(512, 512)
     done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < 0.25:
+    while done == 0 or time.perf_counter() - started < seconds:
         a @ b
         done += 1
     return 2 * 512**3 * done / (time.perf_counter() - started)
