@@ -34,13 +34,15 @@ class ModelSize:
 
 
 def meta_model(config: SFTConfig) -> nn.Module:
-    """The run's architecture with no storage: exact parameter names and shapes, nothing read or allocated."""
-    from transformers import AutoModelForCausalLM
+    """The run's architecture with no storage: exact parameter names and shapes, nothing read or allocated.
+    A vision-language model's tower is counted in its weights; its activations are not (formula.py)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from sftune.model.load import load_model_config
+    from sftune.model.load import IMAGE_TEXT_TO_TEXT, load_model_config, model_class_of
 
+    auto = AutoModelForImageTextToText if model_class_of(config) == IMAGE_TEXT_TO_TEXT else AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(load_model_config(config))
+        return auto.from_config(load_model_config(config))
 
 
 def loaded_weight_dtype(config: SFTConfig, model_config: Any) -> torch.dtype:
