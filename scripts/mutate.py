@@ -179,6 +179,18 @@ MUTANTS = (
         "training/checkpoint.py", "        params[name].data.copy_(tensor)", "        pass",
         ("tests/test_precision.py::test_resume_under_bf16_precisions_equals_the_uninterrupted_run",),
     ),
+    Mutant(
+        "lora_trained_params", "the estimate counts LoRA's B matrix twice (trained parameters, gradients, optimizer)",
+        "estimate/model_size.py", "trained = sum(config.lora_r * (m.in_features + m.out_features) for _, m in targets)",
+        "trained = sum(config.lora_r * (m.in_features + 2 * m.out_features) for _, m in targets)",
+        ("tests/test_estimate.py::test_weights_gradients_and_optimizer_lines_count_the_loaded_model",),
+    ),
+    Mutant(
+        "estimate_longest_batch", "the estimate costs the shortest rows instead of the longest",
+        "estimate/shapes.py", "key=lambda i: len(rows[i][\"input_ids\"]), reverse=True)",
+        "key=lambda i: len(rows[i][\"input_ids\"]))",
+        ("tests/test_estimate.py::test_longest_micro_batch_is_the_longest_rows_padded",),
+    ),
 )
 
 
