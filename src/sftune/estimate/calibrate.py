@@ -26,7 +26,7 @@ from sftune.config import SFTConfig
 from sftune.estimate.shapes import Batch, LongestBatch
 from sftune.precision import PrecisionPlan
 
-REPEATS = 2  # timed repetitions of each shape; the median is kept
+REPEATS = 3  # timed repetitions of each shape; the median is kept (one slow step on a busy machine moves no fit)
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,9 @@ def calibrate(config: SFTConfig, plan: BatchingPlan, precision: PrecisionPlan, d
         trainer.optimizer_step_on([dict(longest.batch)])  # warm-up: allocates the optimizer state
         before = probe.current()
         probe.reset_peak()
-        long_seconds = [_timed(trainer, [longest.batch], probe.cuda)]
+        _timed(trainer, [longest.batch], probe.cuda)  # the step whose peak is measured: not timed (page faults)
         growth = max(0.0, probe.peak() - before)
-        long_seconds += [_timed(trainer, [longest.batch], probe.cuda) for _ in range(REPEATS - 1)]
+        long_seconds = [_timed(trainer, [longest.batch], probe.cuda) for _ in range(REPEATS)]
         short, short_tokens = half_batch(longest)
         one = statistics.median(_timed(trainer, [short], probe.cuda) for _ in range(REPEATS))
         two = statistics.median(_timed(trainer, [short, short], probe.cuda) for _ in range(REPEATS))
