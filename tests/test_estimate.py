@@ -102,7 +102,7 @@ def test_json_has_the_totals_and_the_parts(small_model_dir, tmp_path, capsys):
     assert main(["estimate", str(config), "--no_calibrate", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["calibrated"] is False and result["steps"] == 10
-    assert result["total_seconds"] == pytest.approx(10 * result["step_seconds"], rel=0.01)
+    assert result["total_seconds"] == pytest.approx(10 * result["step_seconds"], abs=0.06)  # each rounded
     assert result["peak_memory_mb"] == pytest.approx(sum(result["parts_mb"].values()), abs=0.5)
     assert {"process", "weights", "gradients", "optimizer_state", "activations", "loss",
             "allocator_overhead"} <= set(result["parts_mb"])
