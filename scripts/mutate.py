@@ -191,6 +191,18 @@ MUTANTS = (
         "            chunk, chunk_targets",
         ("tests/test_long_context.py::test_loss_memory_grows_with_the_chunk_not_with_the_row_length",),
     ),
+    Mutant(
+        "lora_trained_params", "the estimate counts LoRA's B matrix twice (trained parameters, gradients, optimizer)",
+        "estimate/model_size.py", "trained = sum(config.lora_r * (m.in_features + m.out_features) for _, m in targets)",
+        "trained = sum(config.lora_r * (m.in_features + 2 * m.out_features) for _, m in targets)",
+        ("tests/test_estimate.py::test_weights_gradients_and_optimizer_lines_count_the_loaded_model",),
+    ),
+    Mutant(
+        "estimate_longest_batch", "the estimate costs the shortest rows instead of the longest",
+        "estimate/shapes.py", "key=lambda i: len(rows[i][\"input_ids\"]), reverse=True)",
+        "key=lambda i: len(rows[i][\"input_ids\"]))",
+        ("tests/test_estimate.py::test_longest_micro_batch_is_the_longest_rows_padded",),
+    ),
 )
 
 

@@ -75,7 +75,7 @@ def set_up(case: dict, tmp: Path, model_dir: Path, vlm_dir: Path | None = None) 
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(fill(text, places), encoding=case.get("encoding", "utf-8"))
     argv = [case.get("command", "train")]
-    if argv[0] in ("train", "inspect") and not case.get("no_config"):
+    if argv[0] in ("train", "inspect", "estimate") and not case.get("no_config"):
         config_path = tmp / "config.yaml"
         if "config_text" in case:
             config_path.write_text(fill(case["config_text"], places), encoding="utf-8")

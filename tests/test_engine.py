@@ -58,11 +58,12 @@ def assert_same_weights(a, b, atol=0.0):
 def test_metrics_lines_carry_accuracy_entropy_and_memory(tiny_model_dir, data_file, tmp_path):
     result = train(config_for(tiny_model_dir, data_file, tmp_path / "run", max_steps=2))
     entry = result.history[-1]
-    for key in ("loss", "mean_token_accuracy", "entropy", "peak_memory_mb", "grad_norm", "tokens_per_second"):
+    for key in ("loss", "mean_token_accuracy", "entropy", "peak_memory_mb", "grad_norm", "tokens_per_second", "step_seconds"):
         assert key in entry and math.isfinite(entry[key]), key
     assert 0.0 <= entry["mean_token_accuracy"] <= 1.0
     assert 0.0 < entry["entropy"] <= math.log(result.model.config.vocab_size) + 1e-6
     assert entry["peak_memory_mb"] > 0
+    assert entry["step_seconds"] > 0  # median wall time of the interval's optimizer steps
 
 
 def test_dft_loss_trains_and_differs_from_nll(tiny_model_dir, data_file, tmp_path):

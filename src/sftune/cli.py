@@ -96,6 +96,25 @@ def _build_parser() -> argparse.ArgumentParser:
                          "highlighted examples as one self-contained HTML page (no network needed to view it).")
     _add_config_flags(inspect)
 
+    estimate = commands.add_parser(
+        "estimate", help="Predict a run's peak memory and time before training it.", allow_abbrev=False,
+        usage="sftune estimate [CONFIG] [--json] [--no_calibrate] [--device NAME] [--KEY VALUE ...]",
+        description="Cost the run CONFIG describes: peak memory (weights, gradients, optimizer state, activations "
+        "of the largest micro-batch the prepared data makes, the loss's buffers, allocator overhead), time per "
+        "optimizer step, steps and total time. By default a few real optimizer steps of the run's model on its "
+        "largest micro-batch calibrate the activation and time terms on this machine.",
+    )
+    estimate.add_argument("config", nargs="?", help="YAML file with settings; flags override it.")
+    estimate.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
+    estimate.add_argument("--json", action="store_true", dest="as_json",
+                          help="Print one JSON object: peak_memory_mb, step_seconds, steps, total_seconds, parts_mb.")
+    estimate.add_argument("--no_calibrate", "--no-calibrate", action="store_true",
+                          help="The formula alone: no model is loaded and nothing runs.")
+    estimate.add_argument("--device", metavar="NAME",
+                          help="Cost the run for another device, uncalibrated: cpu, cuda, h100-80gb, h200, a100-80gb, "
+                          "a100-40gb, l4-24gb, rtx4090-24gb (default: this machine's).")
+    _add_config_flags(estimate)
+
     demo = commands.add_parser(
         "demo", help="Teach SmolLM2-135M-Instruct a new identity (downloads it once, ~100 MB).", allow_abbrev=False,
         usage="sftune demo [--KEY VALUE ...]",
@@ -162,7 +181,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
         parser.print_help()
         raise SystemExit(EXIT_USER_ERROR)
     reserved = {"command", "config", "debug", "num_processes", "accelerate_config", "dry_run", "run_dir", "output", "jsonl", "num_examples",
-                "overwrite", "prompt", "system", "max_new_tokens", "temperature", "as_json", "html"}
+                "overwrite", "prompt", "system", "max_new_tokens", "temperature", "as_json", "html", "no_calibrate",
+                "device"}
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     return args, overrides
 
@@ -230,6 +250,17 @@ def main(argv: list[str] | None = None) -> int:
             from sftune.inspect import inspect_data
 
             inspect_data(config, args.jsonl, args.num_examples, as_json=args.as_json, html=args.html)
+        elif args.command == "estimate":
+            from sftune.preflight import check_input_paths
+
+            config = cfg.load_config(args.config, overrides)
+            config.check_ready_to_train()
+            check_input_paths(config)
+            from sftune.estimate import estimate_run
+            from sftune.run import setup_logging
+
+            setup_logging()
+            estimate_run(config, args.device, calibrate=not args.no_calibrate).print(as_json=args.as_json)
         elif args.command == "demo":
             from sftune.demo import run_demo
 

@@ -145,6 +145,10 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
     if config.eval_on_start and not data.eval_rows:
         raise UserError("eval_on_start: true, but there is no eval data: set dataset_test_split or eval_ratio (or "
                         "pass eval_dataset), or set eval_on_start: false")
+    if accelerator.is_main_process and accelerator.num_processes == 1:  # the formula is for one process
+        from sftune.estimate.fit import log_and_check
+
+        log_and_check(config, data, accelerator.device.type)  # before the model loads: a run too big stops here
     model = load_model(config, device=accelerator.device, precision=precision)
     fit_model_to_tokenizer(model, tokenizer)  # embeddings for tokens the template added; the EOS stops generation
     model = prepare_for_training(model, config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -108,6 +109,7 @@ class Trainer:
         self.skipped_steps = 0
         self.totals = TokenTotals(source_names, config.loss_type == "dft", accelerator.device)
         self.interval_seconds = 0.0
+        self.interval_step_seconds: list[float] = []  # wall time of each optimizer step since the last metrics line
         self.last_eval_step = -1
         self.last_logged_step = -1
         self.signals: StopSignals | None = None  # while fit runs
@@ -149,7 +151,9 @@ class Trainer:
                         step_tokens, grad_norm, step_loss = self._optimizer_step(micro_batches)
                     except _StepAbandoned as stopped:
                         self._stop_within_step(stopped)
-                    self.interval_seconds += time.perf_counter() - started
+                    step_seconds = time.perf_counter() - started
+                    self.interval_seconds += step_seconds
+                    self.interval_step_seconds.append(step_seconds)
                     self.step += 1
                     self.num_tokens += step_tokens
                     self.reporter.step(step_loss, learning_rate, self._interval_tokens() / max(self.interval_seconds, 1e-9))
@@ -235,6 +239,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return step_tokens, grad_norm, step_loss
 
+    def optimizer_step_on(self, micro_batches: list[Batch]) -> tuple[int, float, float]:
+        """One optimizer step on the given micro-batches, outside fit (sftune estimate's calibration)."""
+        return self._optimizer_step(micro_batches)
+
     def _routing_forward(self, batch: Batch) -> moe.Routing:
         """An MoE model's routing of one micro-batch, without the loss (the balancing loss's pre-pass)."""
         inputs = {k: v.to(self.accelerator.device) for k, v in batch.items() if k != "source_ids"}
@@ -302,6 +310,10 @@ class Trainer:
             "num_tokens": self.num_tokens,
             "tokens_per_second": float(sums[:, 0].sum()) / max(self.interval_seconds, 1e-9),
             "peak_memory_mb": round(peak_memory_mb(), 1),
+            # the median, not the mean: `sftune estimate` predicts a typical step, and one slow step (a checkpoint's
+            # neighbour, the first step's allocations) should not move it
+            "step_seconds": round(statistics.median(self.interval_step_seconds), 4) if self.interval_step_seconds
+            else 0.0,
         }
         if self.balance is not None:
             metrics.update(self.balance.interval_metrics())
@@ -311,6 +323,7 @@ class Trainer:
         self.last_logged_step = self.step
         self.totals.reset()
         self.interval_seconds = 0.0
+        self.interval_step_seconds = []
         return metrics
 
     def _due(self, strategy: str, every: int, epoch_done: bool) -> bool:
