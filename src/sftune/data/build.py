@@ -304,7 +304,9 @@ def _examine(docs: _Docs, source: np.ndarray, is_eval: np.ndarray, from_test: np
     """The data doctor's report on the documents (all training rows, then all eval rows, each by source in dataset
     order); with `dedupe`, the duplicates it finds are cleared in `kept` here."""
     order = np.argsort(is_eval.astype(np.int64) * (len(labels) + 1) + source, kind="stable")
-    prints = doctor.PrintTable.joined(docs.prints).take(order)
+    tables, docs.prints = docs.prints, []  # the chunks' tables go once joined
+    prints = doctor.PrintTable.joined(tables).take(order)
+    del tables
 
     def where(k: int) -> str:
         d = int(order[k])

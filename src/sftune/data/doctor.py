@@ -77,6 +77,7 @@ class PrintTable:
     signed: np.ndarray  # bool per row: has a signature
     empty_replies: dict[int, str]  # row -> RowPrint.empty_reply, for the rows that have one
     repetitions: dict[int, str]  # row -> RowPrint.repetition
+    signature_rows: np.ndarray | None = None  # row r's signature is signatures[signature_rows[r]] (after take)
 
     def __len__(self) -> int:
         return len(self.exact)
@@ -107,10 +108,15 @@ class PrintTable:
                    {int(s) + i: d for t, s in zip(tables, starts) for i, d in t.repetitions.items()})
 
     def take(self, order: np.ndarray) -> PrintTable:
+        """The rows in `order`; the signatures are not copied (they are most of the table)."""
         new_of = {int(old): new for new, old in enumerate(order.tolist())}
-        return PrintTable(self.exact[order], self.near[order], self.signatures[order], self.signed[order],
+        rows = self.signature_rows[order] if self.signature_rows is not None else np.asarray(order, dtype=np.int64)
+        return PrintTable(self.exact[order], self.near[order], self.signatures, self.signed[order],
                           {new_of[i]: d for i, d in self.empty_replies.items() if i in new_of},
-                          {new_of[i]: d for i, d in self.repetitions.items() if i in new_of})
+                          {new_of[i]: d for i, d in self.repetitions.items() if i in new_of}, rows)
+
+    def signatures_of(self, rows: np.ndarray, columns: slice | int = slice(None)) -> np.ndarray:
+        return self.signatures[rows if self.signature_rows is None else self.signature_rows[rows], columns]
 
 
 # ---------------------------------------------------------------- per row, in the worker processes
@@ -362,18 +368,17 @@ def _duplicates(prints: PrintTable, index: np.ndarray) -> tuple[np.ndarray, np.n
     rows = np.flatnonzero((near_first == index) & prints.signed)
     if len(rows) < 2:
         return partner, kind, similarity
-    signatures = prints.signatures  # indexed by row, not copied: they are the doctor's largest state
-    width = SIGNATURE_BINS // BANDS
+    width = SIGNATURE_BINS // BANDS  # the signatures are indexed, never copied whole: they are most of the state
     for band in range(BANDS):
         key = np.zeros(len(rows), dtype=np.uint64)
         for column in range(band * width, (band + 1) * width):
-            key = _fmix64(key ^ signatures[rows, column].astype(np.uint64))
+            key = _fmix64(key ^ prints.signatures_of(rows, column).astype(np.uint64))
         first = _first_equal(key)
         later = np.flatnonzero(first != np.arange(len(rows)))
         later = later[kind[rows[later]] == 0]
         if not len(later):
             continue
-        agree = (signatures[rows[later]] == signatures[rows[first[later]]]).mean(axis=1)
+        agree = (prints.signatures_of(rows[later]) == prints.signatures_of(rows[first[later]])).mean(axis=1)
         close = agree >= NEAR_SIMILARITY
         found, earlier = rows[later[close]], rows[first[later[close]]]
         partner[found], kind[found], similarity[found] = earlier, 3, agree[close]
