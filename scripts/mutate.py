@@ -104,6 +104,21 @@ MUTANTS = (
         "    state = None\n",
         ("tests/test_fsdp2.py",),
     ),
+    Mutant(
+        "shard_row_numbers", "each tokenized chunk's documents lose their offset in the source (row numbers restart)",
+        "data/build.py", "docs.index.append(chunk.kept + start)", "docs.index.append(chunk.kept)",
+        ("tests/test_scale.py::test_shard_chunk_and_copy_sizes_and_processes_change_nothing",),
+    ),
+    Mutant(
+        "copy_chunk_overlap", "the chunked copy of packed rows repeats a segment at each chunk boundary",
+        "data/row_writer.py", "        first = last\n", "        first = max(last - 1, first + 1)\n",
+        ("tests/test_scale.py::test_shard_chunk_and_copy_sizes_and_processes_change_nothing",),
+    ),
+    Mutant(
+        "preparation_unlocked", "every process prepares the data itself: the cache entry's lock is never taken",
+        "data/cache_lock.py", "            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "            pass\n",
+        ("tests/test_scale.py::test_two_processes_prepare_once_the_second_waits_and_reads",),
+    ),
 )
 
 
