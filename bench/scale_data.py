@@ -12,7 +12,8 @@ template with generation markers (see bench/prepare_data.py).
 
 Every measurement runs in a fresh process, started after the data file is written; the parent samples the summed
 RSS of that process and its children every 0.1 s. `seconds` is the preparation alone (imports and the tokenizer's
-loading are not counted); `baseline` is the summed RSS just before it starts. RSS counts the pages that forked
+loading are not counted), `cpu s` its CPU time over all its processes (steadier than wall time on a busy
+machine); `baseline` is the summed RSS just before it starts. RSS counts the pages that forked
 workers share with the main process once per process, so summed RSS is an upper bound; PSS (each shared page
 divided among its sharers) is what the processes hold together.
 
@@ -100,6 +101,14 @@ def measure(tool: str, data: Path, rows: int, num_proc: int | None, workdir: Pat
 # ---------------------------------------------------------------- the measured processes
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished child processes (the worker pools are joined when done)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def child_sftune(data: Path, workdir: Path, num_proc: int | None) -> dict:
     import logging
 
@@ -117,10 +126,11 @@ def child_sftune(data: Path, workdir: Path, num_proc: int | None) -> dict:
     config = SFTConfig(model_name_or_path="qwen3", dataset_name=str(data), max_length=MAX_LENGTH, packing=True,
                        packing_strategy="bfd", assistant_only_loss=True, dataset_num_proc=num_proc)
     (workdir / "sftune.ready").touch()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     prepared = prepare_train_data(config, tokenizer)
-    seconds = time.perf_counter() - started
-    return {"seconds": round(seconds, 1), "documents": prepared.stats["documents"], "tokens": prepared.stats["tokens"],
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    return {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "documents": prepared.stats["documents"],
+            "tokens": prepared.stats["tokens"],
             "packed_rows": len(prepared.train_rows)}
 
 
@@ -138,11 +148,12 @@ def child_trl(data: Path, workdir: Path, num_proc: int | None) -> dict:
                                     cache_dir=str(workdir / "hf-cache"))
     dataset = dataset.filter(lambda row: any(m["role"] == "assistant" for m in row["messages"]))
     (workdir / "trl.ready").touch()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     packed = side.prepare(dataset)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     tokens = sum(len(ids) for ids in packed.with_format(None)["input_ids"]) if len(packed) else 0
-    return {"seconds": round(seconds, 1), "documents": len(dataset), "tokens": tokens, "packed_rows": len(packed)}
+    return {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "documents": len(dataset), "tokens": tokens,
+            "packed_rows": len(packed)}
 
 
 def main() -> None:
@@ -163,7 +174,8 @@ def main() -> None:
     trl_sizes = [int(s) for s in args.trl_sizes.split(",") if s]
     print(f"cores: {os.cpu_count()}; load: {os.getloadavg()[0]:.1f} (1 min); max_length {MAX_LENGTH}, bfd packing, "
           "assistant-only masks, the data doctor on")
-    print(f"{'tool':7} {'rows':>9} {'documents':>9} {'tokens':>12} {'seconds':>8} {'rows/s':>7} {'peak RSS':>9} "
+    print(f"{'tool':7} {'rows':>9} {'documents':>9} {'tokens':>12} {'seconds':>8} {'rows/s':>7} {'cpu s':>7} "
+          f"{'rows/cpu s':>10} {'peak RSS':>9} "
           f"{'peak PSS':>9} {'baseline':>9}")
     for rows in sorted(set(sizes) | set(trl_sizes)):
         with tempfile.TemporaryDirectory(prefix="sftune-scale-") as folder:
@@ -175,7 +187,9 @@ def main() -> None:
                     continue
                 result = measure(tool, data, rows, args.num_proc, workdir)
                 print(f"{tool:7} {rows:9,} {result['documents']:9,} {result['tokens']:12,} {result['seconds']:8.1f} "
-                      f"{rows / result['seconds']:7.0f} {result['peak_rss_gb']:6.2f} GB {result['peak_pss_gb']:6.2f} GB "
+                      f"{rows / result['seconds']:7.0f} {result['cpu_seconds']:7.1f} "
+                      f"{rows / result['cpu_seconds']:10.0f} {result['peak_rss_gb']:6.2f} GB "
+                      f"{result['peak_pss_gb']:6.2f} GB "
                       f"{result['baseline_rss_gb']:6.2f} GB"
                       f"   (load {os.getloadavg()[0]:.1f})", flush=True)
 
