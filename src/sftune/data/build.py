@@ -387,10 +387,10 @@ def documents_of(inputs: Any, config: SFTConfig, limit: int | None) -> tuple[lis
     documents, origins = [], []
     for split, spec in zip(splits, inputs.specs):
         out = np.zeros(0, dtype=np.int64)
-        if spec.test_split is None and config.eval_ratio > 0:  # the hold-out needs the row count: read them all
-            shards = list(split.shards)
-            _, out = hold_out(split.read, config.eval_ratio, rng)
-            split.shards = iter(shards)
+        if spec.test_split is None and config.eval_ratio > 0:  # the hold-out needs the row count: a first pass
+            _, out = hold_out(sum(len(shard.rows) for shard in split.opened.stream(SHARD_ROWS)), config.eval_ratio,
+                              rng)
+            split.format, split.shards = "", _normalised_shards(split, config, inputs.formatting_func)
         held = set(out.tolist())
         examples, index = [], []
         for shard, rows in split.shards:
