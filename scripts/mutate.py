@@ -159,8 +159,7 @@ MUTANTS = (
     ),
     Mutant(
         "dry_run_forgets_hold_out", "--dry_run counts the held-out eval rows as training rows",
-        "data/prepare.py", "sizes.update(train=[len(s.train) for s in sources]",
-        "sizes.update(train=[len(s.rows.rows) for s in sources]",
+        "data/build.py", 'counts["train"].append(total - len(out))', 'counts["train"].append(total)',
         ("tests/test_dry_run.py::test_dry_run_steps_match_the_run",),
     ),
     Mutant(
@@ -190,6 +189,22 @@ MUTANTS = (
         "        chunk_tokens = hidden.shape[0]\n        for start in range(0, hidden.shape[0], chunk_tokens):\n"
         "            chunk, chunk_targets",
         ("tests/test_long_context.py::test_loss_memory_grows_with_the_chunk_not_with_the_row_length",),
+    ),
+    Mutant(
+        "shard_row_numbers", "each tokenized chunk's documents lose their offset in the source (row numbers restart)",
+        "data/build.py", "rows = shard.offset + np.arange(len(examples), dtype=np.int64)",
+        "rows = np.arange(len(examples), dtype=np.int64)",
+        ("tests/test_scale.py::test_shard_chunk_and_copy_sizes_and_processes_change_nothing",),
+    ),
+    Mutant(
+        "copy_chunk_overlap", "the chunked copy of packed rows repeats a segment at each chunk boundary",
+        "data/row_writer.py", "        first = last\n", "        first = max(last - 1, first + 1)\n",
+        ("tests/test_scale.py::test_shard_chunk_and_copy_sizes_and_processes_change_nothing",),
+    ),
+    Mutant(
+        "preparation_unlocked", "every process prepares the data itself: the cache entry's lock is never taken",
+        "data/cache_lock.py", "            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "            pass\n",
+        ("tests/test_scale.py::test_two_processes_prepare_once_the_second_waits_and_reads",),
     ),
 )
 
