@@ -194,7 +194,15 @@ MUTANTS = (
         "shard_row_numbers", "each tokenized chunk's documents lose their offset in the source (row numbers restart)",
         "data/build.py", "rows = shard.offset + np.arange(len(examples), dtype=np.int64)",
         "rows = np.arange(len(examples), dtype=np.int64)",
-        ("tests/test_scale.py::test_shard_chunk_and_copy_sizes_and_processes_change_nothing",),
+        ("tests/test_scale.py::test_shard_chunk_and_copy_sizes_and_processes_change_nothing",
+         "tests/test_scale.py::test_split_assistant_turns_and_empty_replies_keep_their_source_rows_across_shards"),
+    ),
+    Mutant(
+        "split_turn_rows", "split_assistant_turns: the examples a row is split into are numbered as rows themselves",
+        "data/build.py", "examples, rows = split_assistant_turns(examples, rows, config.loss_mask)",
+        "examples, _ = split_assistant_turns(examples, rows, config.loss_mask)\n"
+        "            rows = shard.offset + np.arange(len(examples), dtype=np.int64)",
+        ("tests/test_scale.py::test_split_assistant_turns_and_empty_replies_keep_their_source_rows_across_shards",),
     ),
     Mutant(
         "copy_chunk_overlap", "the chunked copy of packed rows repeats a segment at each chunk boundary",

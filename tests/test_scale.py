@@ -73,6 +73,43 @@ def test_shard_chunk_and_copy_sizes_and_processes_change_nothing(tmp_path, monke
     assert whole.stats["rows_dropped"]["no_assistant_turn"] == 1
 
 
+def test_split_assistant_turns_and_empty_replies_keep_their_source_rows_across_shards(tmp_path, monkeypatch):
+    """split_assistant_turns makes several examples of one row: the examples of a row keep that row's number across
+    shards and chunks, so the hold-out keeps a row's examples together and the empty replies are named by their
+    row, whatever the shard and chunk sizes."""
+    rows = [{"messages": [{"role": "user", "content": f"question {k}"},
+                          {"role": "assistant", "content": f"first answer {k}"},
+                          {"role": "user", "content": f"more {k}"},
+                          {"role": "assistant", "content": "" if k % 7 == 3 else f"second answer {k}"}]}
+            for k in range(40)]
+    path = write_jsonl(tmp_path / "turns.jsonl", rows)
+    config = SFTConfig(model_name_or_path="tiny", dataset_name=str(path), max_length=96, assistant_only_loss=True,
+                       split_assistant_turns=True, eval_ratio=0.2, dataset_num_proc=1)
+    tokenizer = build_tokenizer()
+    monkeypatch.setenv("SFTUNE_DATA_CACHE", str(tmp_path / "one"))
+    whole = prepare_train_data(config, tokenizer)
+
+    monkeypatch.setattr(build_module, "SHARD_ROWS", 7)  # a shard's examples outnumber its rows
+    monkeypatch.setattr(build_module, "CHUNK_ROWS", 5)  # chunks cut a row's examples apart
+    monkeypatch.setattr(sources, "READ_BATCH", 3)
+    monkeypatch.setenv("SFTUNE_DATA_CACHE", str(tmp_path / "two"))
+    config.dataset_num_proc = 2
+    small = prepare_train_data(config, tokenizer)
+
+    assert rows_of(small.train_rows) == rows_of(whole.train_rows)
+    assert rows_of(small.eval_rows) == rows_of(whole.eval_rows)
+    assert {k: v for k, v in small.stats.items() if k != "seconds"} == \
+        {k: v for k, v in whole.stats.items() if k != "seconds"}
+    empty_rows = [k for k in range(40) if k % 7 == 3]
+    train, held = [r["index"] for r in whole.train_rows], [r["index"] for r in whole.eval_rows]
+    assert not set(train) & set(held) and len(set(train) | set(held)) == 40  # a row's examples stay together
+    assert sorted(train + held) == sorted(k for k in range(40) for _ in range(1 if k in empty_rows else 2))
+    assert whole.stats["rows_dropped"] == {"empty_reply": len(empty_rows)}
+    empty = whole.stats["empty_replies"]
+    assert (empty["turns"], empty["rows"]) == (len(empty_rows), len(empty_rows))
+    assert empty["examples"] == [f"{path} row {k + 1}: message 4" for k in empty_rows[:3]]
+
+
 def test_rows_are_a_lazy_read_only_list(tmp_path):
     data = prepare_train_data(SFTConfig(model_name_or_path="tiny", dataset_name=str(
         write_jsonl(tmp_path / "c.jsonl", conversations(10))), max_length=64), build_tokenizer())
