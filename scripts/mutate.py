@@ -163,6 +163,11 @@ MUTANTS = (
         ("tests/test_dry_run.py::test_dry_run_steps_match_the_run",),
     ),
     Mutant(
+        "dry_run_rows_not_examples", "--dry_run with split_assistant_turns counts rows, not the examples they become",
+        "data/build.py", "            if sizes is not None and config.split_assistant_turns:", "            if False:",
+        ("tests/test_dry_run.py::test_dry_run_steps_match_the_run_with_split_assistant_turns",),
+    ),
+    Mutant(
         "no_fp32_masters", "bf16 mixed precision trains the bf16 weights themselves (no fp32 master copies)",
         "precision.py", "target = plan.trained_dtype if param.requires_grad else plan.frozen_dtype",
         "target = plan.frozen_dtype",

@@ -421,8 +421,15 @@ def documents_of(inputs: Any, config: SFTConfig, limit: int | None, sizes: dict 
             split.format, split.shards = "", _normalised_shards(split, config, inputs.formatting_func)
             test = next((t for t in every if t.from_test and t.source == split.source), None)
             tested = sum(len(shard.rows) for shard in test.opened.stream(SHARD_ROWS)) if test is not None else 0
-            counts["train"].append(total - len(out))
-            counts["eval"].append(len(out) + tested)
+            if sizes is not None and config.split_assistant_turns:  # a row may be several examples: count those
+                per_row = _examples_per_row(split, config, inputs.formatting_func)
+                total, held_examples = int(per_row.sum()), int(per_row[out].sum())
+                tested = int(_examples_per_row(test, config, inputs.formatting_func).sum()) if test is not None else 0
+                counts["train"].append(total - held_examples)
+                counts["eval"].append(held_examples + tested)
+            else:
+                counts["train"].append(total - len(out))
+                counts["eval"].append(len(out) + tested)
         held = set(out.tolist())
         examples, index = [], []
         for _, shard_examples, rows in split.shards:
@@ -444,3 +451,12 @@ def documents_of(inputs: Any, config: SFTConfig, limit: int | None, sizes: dict 
     if sizes is not None:
         sizes.update(counts)
     return documents, origins
+
+
+def _examples_per_row(split: _Split, config: SFTConfig, formatting_func: Callable | None) -> np.ndarray:
+    """How many examples each row of `split` becomes (split_assistant_turns), from a pass of its own."""
+    counts: list[np.ndarray] = []
+    for shard, _, rows in _normalised_shards(_Split(split.source, split.from_test, split.spec, split.opened), config,
+                                             formatting_func):
+        counts.append(np.bincount(rows - shard.offset, minlength=len(shard.rows)))
+    return np.concatenate(counts) if counts else np.zeros(0, np.int64)
