@@ -105,8 +105,9 @@ MUTANTS = (
     ),
     Mutant(
         "padding_free_drops_rows", "padding-free micro-batches lose the step's last row",
-        "data/collate.py", "return lambda rows: [position_batch([row], pad, join=True) for row in rows]",
-        "return lambda rows: [position_batch([row], pad, join=True) for row in rows[:-1] or rows]",
+        "data/collate.py",
+        "return lambda rows: [position_batch([row], pad, join=True, multiple=multiple) for row in rows]",
+        "return lambda rows: [position_batch([row], pad, join=True, multiple=multiple) for row in rows[:-1] or rows]",
         ("tests/test_invariants.py::test_padding_free_equals_padded_batches",),
     ),
     Mutant(

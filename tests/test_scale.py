@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import build_tokenizer, conversations, write_jsonl
 
+import sftune
 from sftune import SFTConfig
 from sftune.data import build as build_module
 from sftune.data import row_writer, sources
@@ -157,7 +158,8 @@ print(json.dumps({"cached": bool(data.stats.get("cached")),
 
 
 def start(tmp_path: Path, marker: str, mode: str, cache: Path) -> subprocess.Popen:
-    env = {**os.environ, "SFTUNE_DATA_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+    # the sftune this test imported (a mutated copy of src/ under scripts/mutate.py), not the tree beside the test
+    env = {**os.environ, "SFTUNE_DATA_CACHE": str(cache), "PYTHONPATH": str(Path(sftune.__file__).parents[1]),
            "PEER_READY": str(tmp_path / "second-preparing.ready")}
     return subprocess.Popen([sys.executable, "-c", PREPARE, str(tmp_path / "chat.jsonl"), str(tmp_path / "tok"),
                              str(tmp_path / marker), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
