@@ -78,14 +78,15 @@ def load_tokenizer():
 
 
 class TRLSide:
-    def __init__(self, rows: list[dict], workdir: Path, num_proc: int | None):
+    def __init__(self, rows: list[dict], workdir: Path, num_proc: int | None, caching: bool = False):
         import datasets
         import torch
         from transformers import Qwen3Config, Qwen3ForCausalLM
         from trl import SFTConfig as TRLConfig
         from trl import SFTTrainer
 
-        datasets.disable_caching()
+        if not caching:  # bench/scale_data.py keeps TRL's Arrow files on disk, as a TRL user's would be
+            datasets.disable_caching()
         self.tokenizer = load_tokenizer()
         template = workdir / "qwen3_generation.jinja"
         template.write_text(qwen3_template_with_generation_markers(self.tokenizer.chat_template))

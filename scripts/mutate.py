@@ -105,8 +105,9 @@ MUTANTS = (
     ),
     Mutant(
         "padding_free_drops_rows", "padding-free micro-batches lose the step's last row",
-        "data/collate.py", "return lambda rows: [position_batch([row], pad, join=True) for row in rows]",
-        "return lambda rows: [position_batch([row], pad, join=True) for row in rows[:-1] or rows]",
+        "data/collate.py",
+        "return lambda rows: [position_batch([row], pad, join=True, multiple=multiple) for row in rows]",
+        "return lambda rows: [position_batch([row], pad, join=True, multiple=multiple) for row in rows[:-1] or rows]",
         ("tests/test_invariants.py::test_padding_free_equals_padded_batches",),
     ),
     Mutant(
@@ -159,9 +160,13 @@ MUTANTS = (
     ),
     Mutant(
         "dry_run_forgets_hold_out", "--dry_run counts the held-out eval rows as training rows",
-        "data/prepare.py", "sizes.update(train=[len(s.train) for s in sources]",
-        "sizes.update(train=[len(s.rows.rows) for s in sources]",
+        "data/build.py", 'counts["train"].append(total - len(out))', 'counts["train"].append(total)',
         ("tests/test_dry_run.py::test_dry_run_steps_match_the_run",),
+    ),
+    Mutant(
+        "dry_run_rows_not_examples", "--dry_run with split_assistant_turns counts rows, not the examples they become",
+        "data/build.py", "            if sizes is not None and config.split_assistant_turns:", "            if False:",
+        ("tests/test_dry_run.py::test_dry_run_steps_match_the_run_with_split_assistant_turns",),
     ),
     Mutant(
         "no_fp32_masters", "bf16 mixed precision trains the bf16 weights themselves (no fp32 master copies)",
@@ -202,6 +207,30 @@ MUTANTS = (
         "estimate/shapes.py", "key=lambda i: len(rows[i][\"input_ids\"]), reverse=True)",
         "key=lambda i: len(rows[i][\"input_ids\"]))",
         ("tests/test_estimate.py::test_longest_micro_batch_is_the_longest_rows_padded",),
+    ),
+    Mutant(
+        "shard_row_numbers", "each tokenized chunk's documents lose their offset in the source (row numbers restart)",
+        "data/build.py", "rows = shard.offset + np.arange(len(examples), dtype=np.int64)",
+        "rows = np.arange(len(examples), dtype=np.int64)",
+        ("tests/test_scale.py::test_shard_chunk_and_copy_sizes_and_processes_change_nothing",
+         "tests/test_scale.py::test_split_assistant_turns_and_empty_replies_keep_their_source_rows_across_shards"),
+    ),
+    Mutant(
+        "split_turn_rows", "split_assistant_turns: the examples a row is split into are numbered as rows themselves",
+        "data/build.py", "examples, rows = split_assistant_turns(examples, rows, config.loss_mask)",
+        "examples, _ = split_assistant_turns(examples, rows, config.loss_mask)\n"
+        "            rows = shard.offset + np.arange(len(examples), dtype=np.int64)",
+        ("tests/test_scale.py::test_split_assistant_turns_and_empty_replies_keep_their_source_rows_across_shards",),
+    ),
+    Mutant(
+        "copy_chunk_overlap", "the chunked copy of packed rows repeats a segment at each chunk boundary",
+        "data/row_writer.py", "        first = last\n", "        first = max(last - 1, first + 1)\n",
+        ("tests/test_scale.py::test_shard_chunk_and_copy_sizes_and_processes_change_nothing",),
+    ),
+    Mutant(
+        "preparation_unlocked", "every process prepares the data itself: the cache entry's lock is never taken",
+        "data/cache_lock.py", "            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "            pass\n",
+        ("tests/test_scale.py::test_two_processes_prepare_once_the_second_waits_and_reads",),
     ),
 )
 

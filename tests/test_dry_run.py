@@ -78,6 +78,24 @@ def test_dry_run_steps_match_the_run(tiny_model_dir, tmp_path, capsys):
     assert f"{result.data_stats['eval_rows']} eval rows" in plan  # 20% of 30 rows held out
 
 
+def test_dry_run_steps_match_the_run_with_split_assistant_turns(tiny_model_dir, tmp_path, capsys):
+    """split_assistant_turns makes one example per trained turn: the plan counts those examples, not the rows."""
+    rows = conversations(24)
+    for k, row in enumerate(rows):  # two or three assistant turns a row: each becomes an example of its own
+        row["messages"] += [{"role": "user", "content": f"and then {k}"}, {"role": "assistant", "content": "then"}]
+        if k % 2:
+            row["messages"] += [{"role": "user", "content": "last"}, {"role": "assistant", "content": "done"}]
+    data = write_jsonl(tmp_path / "turns.jsonl", rows)
+    settings = dict(model_name_or_path=str(tiny_model_dir), dataset_name=str(data), output_dir=str(tmp_path / "run"),
+                    per_device_train_batch_size=4, num_train_epochs=1, eval_ratio=0.2, max_length=256,
+                    assistant_only_loss=True, split_assistant_turns=True, save_strategy="no", logging_steps=1)
+    assert main(["train", str(write_config(tmp_path / "c.yaml", **settings)), "--dry_run"]) == 0
+    plan = capsys.readouterr().out.split("# plan")[1]
+    result = train(SFTConfig(**settings))
+    assert result.data_stats["rows"] > 24 and f"steps: {result.global_step} (1 epoch" in plan
+    assert f"{result.data_stats['eval_rows']} eval rows" in plan
+
+
 def test_dry_run_reports_a_bad_file_in_one_line(tiny_model_dir, tmp_path, capsys):
     args = ["train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(tmp_path / "none.jsonl"),
             "--output_dir", str(tmp_path / "run"), "--dry_run"]

@@ -58,10 +58,10 @@ def test_packing_keeps_every_token_and_fills_rows():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 300, size=500)
     for strategy in ("bfd_split", "wrapped"):
-        plan = plan_packing(lengths, 256, strategy)
+        plan = plan_packing(lengths, 256, strategy).rows()
         assert sum(e - s for row in plan for _, s, e in row) == lengths.sum()
         assert all(sum(e - s for _, s, e in row) <= 256 for row in plan)
-    bfd = plan_packing(lengths, 256, "bfd")
+    bfd = plan_packing(lengths, 256, "bfd").rows()
     assert sorted(d for row in bfd for d, _, _ in row) == list(range(500))
     assert len(bfd) <= np.minimum(lengths, 256).sum() / 256 * 1.05  # best fit leaves little room
 

@@ -41,7 +41,7 @@ def test_second_run_uses_the_cache_and_any_change_prepares_again(tmp_path, cache
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("prepared again")
 
-    monkeypatch.setattr(prepare_module, "_tokenize_sources", no_tokenizing)
+    monkeypatch.setattr(prepare_module, "build", no_tokenizing)
     again = prepare_train_data(config_for(path, assistant_only_loss=True), build_tokenizer())
     assert again.stats["cached"] and rows_of(again) == rows_of(first)
     monkeypatch.undo()

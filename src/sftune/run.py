@@ -134,8 +134,9 @@ def train(config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None
         config.bf16, config.fp16 = precision.bf16, precision.fp16
     processor = load_processor(config)  # None for text-only models
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(config)
-    with accelerator.main_process_first():  # the main process prepares and caches; the others read the cache
-        data = prepare_train_data(config, tokenizer, train_dataset, eval_dataset, formatting_func, processor)
+    # one process prepares and caches (per node, or once on a shared file system); the others wait on its lock,
+    # not on a barrier, which would time out on a long preparation (data/cache_lock.py)
+    data = prepare_train_data(config, tokenizer, train_dataset, eval_dataset, formatting_func, processor)
     tokenizer = data.tokenizer  # shaped for this run (template, EOS): the one saved with the model
     if processor is not None:
         attach_to_processor(processor, tokenizer)

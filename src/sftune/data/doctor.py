@@ -15,7 +15,8 @@ A row is a duplicate of an earlier row, so the first of each group is never one.
 
 Speed: `fingerprints` runs in the tokenizer's worker processes on the same examples and reduces each row to two
 64-bit hashes, a 64-value MinHash signature and its reply findings; `examine`, in the main process, only compares
-these, with numpy. The report goes into the prepared data's stats and is cached with the rows.
+these, with numpy (PrintTable: about 290 bytes a row). The report goes into the prepared data's stats and is cached
+with the rows.
 """
 
 from __future__ import annotations
@@ -62,6 +63,60 @@ class RowPrint:
     signature: bytes | None  # SIGNATURE_BINS uint32 MinHash values of the word 3-grams; None for short rows
     empty_reply: str | None = None  # where the first empty reply is, e.g. "message 4 (assistant)"
     repetition: str | None = None  # the longest loop, e.g. "message 2 repeats 'i am sorry' 9 times"
+
+
+@dataclass
+class PrintTable:
+    """RowPrints of many rows as arrays: what the doctor keeps per row while preparing a large dataset, about 290
+    bytes a row (two 64-bit hashes, a 256-byte signature, two flags), plus the finding's words for each row that
+    has an empty or looping reply."""
+
+    exact: np.ndarray  # uint64 per row
+    near: np.ndarray  # uint64 per row
+    signatures: np.ndarray  # uint32 [rows, SIGNATURE_BINS]; a row without a signature holds zeros
+    signed: np.ndarray  # bool per row: has a signature
+    empty_replies: dict[int, str]  # row -> RowPrint.empty_reply, for the rows that have one
+    repetitions: dict[int, str]  # row -> RowPrint.repetition
+    signature_rows: np.ndarray | None = None  # row r's signature is signatures[signature_rows[r]] (after take)
+
+    def __len__(self) -> int:
+        return len(self.exact)
+
+    @classmethod
+    def of(cls, prints: list[RowPrint]) -> PrintTable:
+        n = len(prints)
+        signatures = np.zeros((n, SIGNATURE_BINS), dtype=np.uint32)
+        signed = np.zeros(n, dtype=bool)
+        for i, p in enumerate(prints):
+            if p.signature is not None:
+                signatures[i] = np.frombuffer(p.signature, dtype=np.uint32)
+                signed[i] = True
+        return cls(np.fromiter((p.exact for p in prints), dtype=np.uint64, count=n),
+                   np.fromiter((p.near for p in prints), dtype=np.uint64, count=n), signatures, signed,
+                   {i: p.empty_reply for i, p in enumerate(prints) if p.empty_reply is not None},
+                   {i: p.repetition for i, p in enumerate(prints) if p.repetition is not None})
+
+    @classmethod
+    def joined(cls, tables: list[PrintTable]) -> PrintTable:
+        starts = np.cumsum([0] + [len(t) for t in tables])
+        return cls(np.concatenate([t.exact for t in tables]) if tables else np.zeros(0, np.uint64),
+                   np.concatenate([t.near for t in tables]) if tables else np.zeros(0, np.uint64),
+                   np.concatenate([t.signatures for t in tables]) if tables else
+                   np.zeros((0, SIGNATURE_BINS), np.uint32),
+                   np.concatenate([t.signed for t in tables]) if tables else np.zeros(0, bool),
+                   {int(s) + i: d for t, s in zip(tables, starts) for i, d in t.empty_replies.items()},
+                   {int(s) + i: d for t, s in zip(tables, starts) for i, d in t.repetitions.items()})
+
+    def take(self, order: np.ndarray) -> PrintTable:
+        """The rows in `order`; the signatures are not copied (they are most of the table)."""
+        new_of = {int(old): new for new, old in enumerate(order.tolist())}
+        rows = self.signature_rows[order] if self.signature_rows is not None else np.asarray(order, dtype=np.int64)
+        return PrintTable(self.exact[order], self.near[order], self.signatures, self.signed[order],
+                          {new_of[i]: d for i, d in self.empty_replies.items() if i in new_of},
+                          {new_of[i]: d for i, d in self.repetitions.items() if i in new_of}, rows)
+
+    def signatures_of(self, rows: np.ndarray, columns: slice | int = slice(None)) -> np.ndarray:
+        return self.signatures[rows if self.signature_rows is None else self.signature_rows[rows], columns]
 
 
 # ---------------------------------------------------------------- per row, in the worker processes
@@ -231,7 +286,7 @@ def _loops(words: np.ndarray, word_hash: np.ndarray, is_mark: np.ndarray, mark: 
 # ---------------------------------------------------------------- over all rows, in the main process
 
 
-def examine(prints: list[RowPrint], is_eval: np.ndarray, source: np.ndarray, lengths: np.ndarray,
+def examine(prints: list[RowPrint] | PrintTable, is_eval: np.ndarray, source: np.ndarray, lengths: np.ndarray,
             truncated: np.ndarray, where: Callable[[int], str], source_names: list[str],
             dedupe: str | None) -> tuple[dict[str, Any], np.ndarray]:
     """The report (for the stats) and, with `dedupe` ('exact' or 'near'), which rows to remove.
@@ -239,15 +294,16 @@ def examine(prints: list[RowPrint], is_eval: np.ndarray, source: np.ndarray, len
     Rows are in one order: all training rows first, then all eval rows, so a duplicate's earlier row is a
     training row whenever one exists, and removing duplicates never takes a training row in favour of an eval row.
     """
-    n = len(prints)
+    table = prints if isinstance(prints, PrintTable) else PrintTable.of(prints)
+    n = len(table)
     index = np.arange(n)
-    partner, kind, similarity = _duplicates(prints, index)
+    partner, kind, similarity = _duplicates(table, index)
     train = ~is_eval
     has_partner = partner >= 0
     partner_is_train = has_partner & ~is_eval[np.maximum(partner, 0)]
     overlap = is_eval & partner_is_train
-    empty = np.fromiter((p.empty_reply is not None for p in prints), dtype=bool, count=n)
-    loops = np.fromiter((p.repetition is not None for p in prints), dtype=bool, count=n)
+    empty, loops = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    empty[list(table.empty_replies)], loops[list(table.repetitions)] = True, True
 
     def pair(i: int) -> str:
         j = int(partner[i])
@@ -275,8 +331,8 @@ def examine(prints: list[RowPrint], is_eval: np.ndarray, source: np.ndarray, len
             "exact_duplicates": examples(train & (kind == 1), pair),
             "near_duplicates": examples(train & (kind >= 2), pair),
             "train_eval_overlap": examples(overlap, pair),
-            "empty_replies": examples(train & empty, lambda i: f"{where(i)}: {prints[i].empty_reply} is empty"),
-            "repetitive_replies": examples(train & loops, lambda i: f"{where(i)}: {prints[i].repetition}"),
+            "empty_replies": examples(train & empty, lambda i: f"{where(i)}: {table.empty_replies[i]} is empty"),
+            "repetitive_replies": examples(train & loops, lambda i: f"{where(i)}: {table.repetitions[i]}"),
         },
         "most_repeated": _most_repeated(partner, kind, train, where),
         "sources": [_source_report(name, np.flatnonzero(train & (source == s)), lengths, truncated, where)
@@ -295,12 +351,12 @@ def examine(prints: list[RowPrint], is_eval: np.ndarray, source: np.ndarray, len
     return report, remove
 
 
-def _duplicates(prints: list[RowPrint], index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _duplicates(prints: PrintTable, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each row, an earlier row it duplicates (-1: none), how (1 exact, 2 same text, 3 similar) and the
     estimated similarity (for 3)."""
     n = len(index)
-    exact_first = _first_equal(np.fromiter((p.exact for p in prints), dtype=np.uint64, count=n))
-    near_first = _first_equal(np.fromiter((p.near for p in prints), dtype=np.uint64, count=n))
+    exact_first = _first_equal(prints.exact)
+    near_first = _first_equal(prints.near)
     partner = np.full(n, -1, dtype=np.int64)
     kind = np.zeros(n, dtype=np.int8)
     similarity = np.zeros(n, dtype=np.float32)
@@ -309,23 +365,20 @@ def _duplicates(prints: list[RowPrint], index: np.ndarray) -> tuple[np.ndarray, 
         partner[found], kind[found] = first[found], how
     # close paraphrases, among the rows that are the first of their text: candidates share one band of the
     # signature, then the whole signature's agreement estimates their similarity
-    candidates = [i for i in np.flatnonzero(near_first == index) if prints[i].signature is not None]
-    if len(candidates) < 2:
+    rows = np.flatnonzero((near_first == index) & prints.signed)
+    if len(rows) < 2:
         return partner, kind, similarity
-    rows = np.asarray(candidates)
-    signatures = np.frombuffer(b"".join(prints[i].signature for i in candidates), dtype=np.uint32)
-    signatures = signatures.reshape(len(rows), SIGNATURE_BINS)
-    width = SIGNATURE_BINS // BANDS
+    width = SIGNATURE_BINS // BANDS  # the signatures are indexed, never copied whole: they are most of the state
     for band in range(BANDS):
         key = np.zeros(len(rows), dtype=np.uint64)
-        for column in signatures[:, band * width:(band + 1) * width].T:
-            key = _fmix64(key ^ column.astype(np.uint64))
+        for column in range(band * width, (band + 1) * width):
+            key = _fmix64(key ^ prints.signatures_of(rows, column).astype(np.uint64))
         first = _first_equal(key)
         later = np.flatnonzero(first != np.arange(len(rows)))
         later = later[kind[rows[later]] == 0]
         if not len(later):
             continue
-        agree = (signatures[later] == signatures[first[later]]).mean(axis=1)
+        agree = (prints.signatures_of(rows[later]) == prints.signatures_of(rows[first[later]])).mean(axis=1)
         close = agree >= NEAR_SIMILARITY
         found, earlier = rows[later[close]], rows[first[later[close]]]
         partner[found], kind[found], similarity[found] = earlier, 3, agree[close]

@@ -7,10 +7,11 @@ of its content (the bytes of its files, or the Hub dataset's own fingerprint) fo
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,15 +28,35 @@ SPLIT_NAMES = ("train", "test", "validation", "valid", "eval", "dev")
 
 @dataclass
 class SourceRows:
-    """The rows of one dataset split, and where each came from."""
+    """The rows of one dataset split (or of one shard of it: then `offset` is its first row's number in the
+    split), and where each came from."""
 
     name: str
     rows: list[dict[str, Any]]
-    origins: list[tuple[str, int]]  # (file or dataset id, 1-based row within it) per row
+    origins: Any  # (file or dataset id, 1-based row within it) per row of the split: a list, or Origins
+    offset: int = 0
 
     def where(self, index: int) -> str:
-        origin, row = self.origins[index]
+        origin, row = self.origins[self.offset + index]
         return f"{origin} row {row}"
+
+
+class Origins:
+    """Where each row of a split came from, in a few bytes per file (not per row): row i lies in the last file
+    that starts at or before it."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.starts: list[int] = []
+
+    def add(self, name: str, start: int) -> None:
+        if not self.names or self.names[-1] != name:
+            self.names.append(name)
+            self.starts.append(start)
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        k = bisect.bisect_right(self.starts, index) - 1
+        return self.names[k], index - self.starts[k] + 1
 
 
 @dataclass
@@ -58,10 +79,34 @@ class DatasetSpec:
 
 @dataclass
 class OpenedSplit:
-    """A split whose content is fingerprinted; `load()` reads its rows (only on a cache miss)."""
+    """A split whose content is fingerprinted; its rows are read (only on a cache miss) in shards by `stream`,
+    or all at once by `load`."""
 
     fingerprint: str
-    load: Callable[[], SourceRows] = field(repr=False)
+    batches: Callable[[], Iterator[tuple[str, list[dict[str, Any]]]]] = field(repr=False)  # (origin, rows) in order
+    name: str = ""
+    empty: str = ""  # why the split has no rows, for the error
+    origins: Origins = field(default_factory=Origins, repr=False)  # filled as `stream` reads
+
+    def stream(self, size: int) -> Iterator[SourceRows]:
+        """The rows in shards of `size` (the last one shorter); a shard's `where` names the split's file and row."""
+        self.origins = origins = Origins()
+        buffer: list[dict[str, Any]] = []
+        start = 0
+        for origin, rows in self.batches():
+            origins.add(origin, start + len(buffer))
+            buffer += rows
+            while len(buffer) >= size:
+                yield SourceRows(self.name, buffer[:size], origins, start)
+                buffer, start = buffer[size:], start + size
+        if buffer:
+            yield SourceRows(self.name, buffer, origins, start)
+        elif not start:
+            raise DataError(self.empty or f"dataset '{self.name}' is empty")
+
+    def load(self) -> SourceRows:
+        rows = [row for shard in self.stream(1 << 16) for row in shard.rows]
+        return SourceRows(self.name, rows, self.origins)
 
 
 def source_names(specs: list[DatasetSpec]) -> list[str]:
@@ -208,6 +253,9 @@ def _split_of(path: Path) -> str | None:
     return None
 
 
+READ_BATCH = 1024  # rows read from a file at a time
+
+
 def _open_files(name: str, files: list[Path]) -> OpenedSplit:
     suffixes = {p.suffix.lower() for p in files}
     if len(suffixes) > 1:
@@ -219,23 +267,18 @@ def _open_files(name: str, files: list[Path]) -> OpenedSplit:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
 
-    def load() -> SourceRows:
-        rows: list[dict[str, Any]] = []
-        origins: list[tuple[str, int]] = []
+    def batches() -> Iterator[tuple[str, list[dict[str, Any]]]]:
         for path in files:
-            file_rows = _read_file(path)
-            rows.extend(file_rows)
-            origins.extend((str(path), i + 1) for i in range(len(file_rows)))
-        if not rows:
-            raise DataError(f"dataset '{name}' is empty: no rows in {', '.join(str(p) for p in files)}")
-        return SourceRows(name, rows, origins)
+            for rows in _file_batches(path):
+                yield str(path), rows
 
-    return OpenedSplit("files:" + digest.hexdigest(), load)
+    return OpenedSplit("files:" + digest.hexdigest(), batches, name,
+                       f"dataset '{name}' is empty: no rows in {', '.join(str(p) for p in files)}")
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
+def _file_batches(path: Path) -> Iterator[list[dict[str, Any]]]:
     try:
-        return _read_rows(path)
+        yield from _read_batches(path)
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start} of a line or the file): save it as UTF-8") from None
     except DataError:
@@ -245,28 +288,41 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: not a readable {path.suffix} file ({first_line}): check the file or its extension") from None
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _read_batches(path: Path) -> Iterator[list[dict[str, Any]]]:
+    """The file's rows, READ_BATCH at a time (a .json document is parsed whole: JSON has no way to read part)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_json_lines(path)
-    if suffix == ".json":
-        return _read_json_document(path)
-    if suffix == ".csv":
+        yield from _batched(_json_lines(path))
+    elif suffix == ".json":
+        yield from _batched(iter(_read_json_document(path)))
+    elif suffix == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
-            return [dict(row) for row in csv.DictReader(handle)]
-    if suffix == ".parquet":
+            yield from _batched(dict(row) for row in csv.DictReader(handle))
+    elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    if suffix == ".arrow":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH):
+            yield batch.to_pylist()
+    elif suffix == ".arrow":
         from datasets import Dataset
 
-        return Dataset.from_file(str(path)).to_list()
-    raise DataError(f"'{path}': unsupported file type '{suffix}' (use one of {', '.join(LOCAL_SUFFIXES)})")
+        yield from _dataset_batches(Dataset.from_file(str(path)))
+    else:
+        raise DataError(f"'{path}': unsupported file type '{suffix}' (use one of {', '.join(LOCAL_SUFFIXES)})")
 
 
-def _read_json_lines(path: Path) -> list[dict[str, Any]]:
-    rows = []
+def _batched(rows: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == READ_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _json_lines(path: Path) -> Iterator[dict[str, Any]]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -284,8 +340,7 @@ def _read_json_lines(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
             if "\\ud" in line.lower():  # an escaped UTF-16 surrogate: fine in pairs, a lone one is no text
                 _refuse_lone_surrogates(row, f"{path} line {number}")
-            rows.append(row)
-    return rows
+            yield row
 
 
 def _refuse_lone_surrogates(row: dict, where: str) -> None:
@@ -302,7 +357,7 @@ def _read_json_document(path: Path) -> list[dict[str, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # one object per line in a .json file
-            return _read_json_lines(path)
+            return list(_json_lines(path))
         raise DataError(f"{path} line {err.lineno}: malformed JSON ({err.msg})") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} style
@@ -324,7 +379,7 @@ def _open_saved_dataset(name: str, path: Path, split: str) -> OpenedSplit:
         if split not in data:
             raise DataError(f"dataset '{name}' has no split '{split}' (splits: {', '.join(data)})")
         data = data[split]
-    return OpenedSplit("saved:" + data._fingerprint, lambda: _rows_of_dataset(data, name))
+    return _dataset_split("saved:" + data._fingerprint, data, name)
 
 
 def _open_hub(name: str, split: str, config_name: str | None, data_dir: str | None = None,
@@ -347,7 +402,7 @@ def _open_hub(name: str, split: str, config_name: str | None, data_dir: str | No
             f"({first_line}); check the name, your network, or pass a local path"
         ) from None
     # A Hub dataset's fingerprint is derived from its files' hashes, so it changes when the data does.
-    return OpenedSplit("hub:" + data._fingerprint, lambda: _rows_of_dataset(data, f"{name}[{split}]"))
+    return _dataset_split("hub:" + data._fingerprint, data, f"{name}[{split}]")
 
 
 def _open_in_memory(label: str, data: Any) -> OpenedSplit:
@@ -358,13 +413,29 @@ def _open_in_memory(label: str, data: Any) -> OpenedSplit:
             raise DataError(f"{label}: expected a list of dicts (one per row) or a datasets.Dataset")
         digest = hashlib.blake2b(json.dumps(data, sort_keys=True, default=fingerprint_default).encode(), digest_size=16)
         rows = data
-        return OpenedSplit("list:" + digest.hexdigest(), lambda: SourceRows(label, rows, _row_origins(label, rows)))
+
+        def batches() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+            for start in range(0, len(rows), READ_BATCH):
+                yield label, rows[start:start + READ_BATCH]
+
+        return OpenedSplit("list:" + digest.hexdigest(), batches, label, f"dataset '{label}' is empty")
     if hasattr(data, "to_list") and hasattr(data, "data"):  # a datasets.Dataset
-        return OpenedSplit("dataset:" + _dataset_content_hash(data), lambda: _rows_of_dataset(data, label))
+        return _dataset_split("dataset:" + _dataset_content_hash(data), data, label)
     if isinstance(data, dict):  # one row, or columns: either way not rows
         raise DataError(f"{label}: expected a datasets.Dataset or a list of dicts (one per row), got a dict: "
                         "wrap one row in a list ([row]), or give columns as datasets.Dataset.from_dict(...)")
     raise DataError(f"{label}: expected a datasets.Dataset or a list of dicts, got {type(data).__name__}")
+
+
+def _dataset_split(fingerprint: str, data: Any, label: str) -> OpenedSplit:
+    """A datasets.Dataset (Arrow, memory-mapped for Hub and saved datasets), read READ_BATCH rows at a time."""
+    return OpenedSplit(fingerprint, lambda: ((label, rows) for rows in _dataset_batches(data)), label,
+                       f"dataset '{label}' is empty")
+
+
+def _dataset_batches(data: Any) -> Iterator[list[dict[str, Any]]]:
+    for start in range(0, len(data), READ_BATCH):
+        yield data.select(range(start, min(start + READ_BATCH, len(data)))).to_list()
 
 
 def _dataset_content_hash(data: Any) -> str:
@@ -380,17 +451,6 @@ def _dataset_content_hash(data: Any) -> str:
                 if buffer is not None:
                     digest.update(memoryview(buffer))
     return digest.hexdigest()
-
-
-def _rows_of_dataset(data: Any, label: str) -> SourceRows:
-    rows = data.to_list()
-    if not rows:
-        raise DataError(f"dataset '{label}' is empty")
-    return SourceRows(label, rows, _row_origins(label, rows))
-
-
-def _row_origins(label: str, rows: list) -> list[tuple[str, int]]:
-    return [(label, i + 1) for i in range(len(rows))]
 
 
 # ---------------------------------------------------------------- mixing and holding out
