@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from sftune.cli import main
-from sftune.training.manifest import MANIFEST
+from sftune.manifest import MANIFEST, manifest_problem
 
 
 def run(tiny_model_dir, chat_jsonl, out, *extra):
@@ -42,3 +42,32 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_complete_one_offered(tin
     assert run(tiny_model_dir, chat_jsonl, out, "--resume_from_checkpoint", str(out / "checkpoint-1")) == 2
     err = capsys.readouterr().err
     assert f"has no {MANIFEST}" in err and "no earlier checkpoint is complete" in err
+
+
+def test_a_damaged_data_cache_entry_is_prepared_again(tiny_model_dir, chat_jsonl, tmp_path, monkeypatch, caplog):
+    import logging
+    import os
+    from pathlib import Path
+
+    from sftune import SFTConfig
+    from sftune.data.prepare import prepare_train_data
+    from sftune.model.load import load_tokenizer
+
+    monkeypatch.setenv("SFTUNE_DATA_CACHE", str(tmp_path / "cache"))
+    config = SFTConfig(model_name_or_path=str(tiny_model_dir), dataset_name=str(chat_jsonl), max_length=64)
+    tokenizer = load_tokenizer(config)
+    first = prepare_train_data(config, tokenizer)
+    expected = [list(r["input_ids"]) for r in first.train_rows]  # the rows map the entry's files: read them now
+    entries = [p for p in Path(os.environ["SFTUNE_DATA_CACHE"]).rglob(MANIFEST)]
+    assert len(entries) == 1 and not first.stats.get("cached")
+    entry = entries[0].parent
+    assert prepare_train_data(config, tokenizer).stats.get("cached")  # intact: read back
+
+    arrays = sorted(entry.glob("train.input_ids*"))
+    arrays[0].write_bytes(arrays[0].read_bytes()[:-8])  # cut short
+    monkeypatch.setattr(logging.getLogger("sftune"), "propagate", True)  # off once sftune sets up its log
+    with caplog.at_level(logging.WARNING, logger="sftune"):
+        again = prepare_train_data(config, tokenizer)
+    assert not again.stats.get("cached") and "is damaged" in caplog.text and "preparing it again" in caplog.text
+    assert [list(r["input_ids"]) for r in again.train_rows] == expected
+    assert manifest_problem(entry) is None  # written anew, whole

@@ -40,12 +40,13 @@ from sftune.data.render import CHECKS
 from sftune.data.rows import Documents, RowList, RowStore
 from sftune.data.sources import DatasetSpec, OpenedSplit, SourceRows, dataset_specs, open_split, source_names
 from sftune.errors import DataError
+from sftune.manifest import manifest_problem, write_manifest
 from sftune.paths import VERSION, cache_dir
 from sftune.tokenizer import shaped_tokenizer, stop_token_ids, with_default_template
 
 log = logging.getLogger("sftune")
 
-CACHE_LAYOUT = "5"  # bump when the prepared rows would differ for the same inputs (5: streamed preparation)
+CACHE_LAYOUT = "6"  # bump when the prepared rows would differ for the same inputs (5: streamed; 6: manifest)
 SETTINGS = (  # every config field that changes the prepared rows
     "dataset_name", "dataset_config", "dataset_train_split", "dataset_text_field", "datasets", "dataset_test_split",
     "eval_ratio", "test_split_size", "dataset_format", "dataset_columns", "max_length", "truncation_mode", "loss_mask",
@@ -123,6 +124,11 @@ def prepare_train_data(config: SFTConfig, tokenizer: Any, train_dataset: Any = N
 
 def _cached(folder: Path | None, inputs: _Inputs, config: SFTConfig) -> PreparedData | None:
     if folder is None or not (folder / "stats.json").is_file():
+        return None
+    problem = manifest_problem(folder)
+    if problem is not None:  # damaged since it was written (a full disk, a copy, a crash of the machine)
+        log.warning("data: the prepared data cached in %s is damaged (%s): preparing it again", folder, problem)
+        shutil.rmtree(folder, ignore_errors=True)
         return None
     data = _load(folder)
     if data is None:
@@ -271,9 +277,10 @@ def _log_stats(stats: dict[str, Any]) -> None:
 
 def _save(stage: Path, folder: Path, stats: dict[str, Any], names: list[str]) -> None:
     """Complete the entry written in `stage` and rename it into place: a crash never leaves a half-written entry
-    (stats.json, written last, marks a complete one)."""
+    (stats.json, then the manifest, written last, mark a complete one)."""
     (stage / "stats.json").write_text(json.dumps({"stats": stats, "source_names": names}, indent=1, default=str),
                                       encoding="utf-8")
+    write_manifest(stage)  # last: an entry whose files do not match it is prepared again (sftune/manifest.py)
     try:
         os.replace(stage, folder)
     except OSError:

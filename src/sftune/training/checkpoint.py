@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sftune.errors import UserError, write_failure_reason
-from sftune.training.manifest import manifest_problem, write_manifest
+from sftune.manifest import manifest_problem, write_manifest
 
 if TYPE_CHECKING:
     import torch

@@ -1,9 +1,9 @@
 """A folder is complete only if its manifest says so: the names, sizes and checksums of its files, written last.
 
-A checkpoint is renamed into place only once written, but a disk can still lose or damage files afterwards (a
-full disk during a copy, a sync tool, a crash of the machine before the data reached it). Before a resume reads a
-checkpoint, its files are checked against the manifest, so a damaged one is named and the previous complete one
-offered instead of failing deep inside torch.load, or worse, loading rounded-off garbage.
+Checkpoints and data-cache entries are renamed into place only once written, but a disk can still lose or damage
+files afterwards (a full disk during a copy, a sync tool, a crash of the machine before the data reached it).
+Before a resume reads a checkpoint its files are checked against the manifest, so a damaged one is named and the
+previous complete one offered instead of failing deep inside torch.load; a damaged cache entry is prepared again.
 
 The check must stay cheap (a 7B model's checkpoint is 80 GB, and every process of a resume checks it): each file's
 size, and a CRC-32 of its first and last MiB. That finds a missing, truncated or half-copied file and a damaged
