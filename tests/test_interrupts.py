@@ -238,3 +238,39 @@ def test_demo_resume_without_a_folder_continues_the_newest_unfinished_demo(tmp_p
     (tmp_path / "sftune-demo-5").mkdir()  # started, no checkpoint yet
     assert unfinished_output_dir() == "sftune-demo-3"
     assert fresh_output_dir() == "sftune-demo-6"
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.slow  # prepares data in subprocesses
+@pytest.mark.parametrize("how", ["ctrl-c to the terminal's group", "sigterm to sftune"])
+def test_a_stop_during_preparation_ends_quietly_with_its_workers(tiny_model_dir, tmp_path, how):
+    """Ctrl-C reaches every worker too; none may print a traceback, and a SIGTERM to sftune alone must end the
+    workers rather than leave them running (issue 21)."""
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(30000))
+    env = {**os.environ, "SFTUNE_DATA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sftune", "inspect", "--model_name_or_path", str(tiny_model_dir), "--dataset_name",
+         str(data), "--dataset_num_proc", "2", "--num_examples", "0"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(_children(process.pid)) < 2:  # the tokenizing workers have started
+        assert time.monotonic() < deadline and process.poll() is None, "no workers started"
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    time.sleep(0.3)
+    if how.startswith("ctrl-c"):
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "sftune: interrupted" in err, err[-2000:]
+    time.sleep(0.5)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists() and "zombie" not in
+                Path(f"/proc/{w}/status").read_text().lower()], "workers left running"

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,7 +114,8 @@ def tokenized_chunks(worker: ExampleTokenizer, chunks: Iterator[tuple[Any, list[
     forking = "fork" in multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if forking else "spawn")
     try:
-        with context.Pool(num_proc, initializer=_set_worker, initargs=(None if forking else worker,)) as pool:
+        with stop_quietly(), context.Pool(num_proc, initializer=_set_worker,
+                                          initargs=(None if forking else worker,)) as pool:
             waiting: deque = deque()
             for tag, examples in chunks:
                 waiting.append((tag, pool.apply_async(_work, (examples, check_data))))
@@ -128,8 +132,30 @@ def tokenized_chunks(worker: ExampleTokenizer, chunks: Iterator[tuple[Any, list[
 _WORKER: ExampleTokenizer | None = None
 
 
+@contextmanager
+def stop_quietly() -> Iterator[None]:
+    """SIGTERM while the workers run stops this process as Ctrl-C does (KeyboardInterrupt: the pool is torn down,
+    the CLI says "interrupted"), instead of killing it and leaving the workers to die on their own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _set_worker(worker: ExampleTokenizer | None) -> None:
     global _WORKER
+    # Ctrl-C reaches every process of the terminal's group: a worker that took it would print its own traceback.
+    # The main process alone stops, and ends the workers (SIGTERM, at its default: they exit without a word).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     if worker is not None:
         _WORKER = worker
