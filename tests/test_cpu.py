@@ -134,3 +134,20 @@ def test_num_threads_must_be_a_positive_count(value):
 
     with pytest.raises(ConfigError, match="num_threads"):
         SFTConfig.from_dict({"num_threads": value})
+
+
+def test_peak_memory_is_the_processs_own_not_its_large_parents():
+    """ru_maxrss survives fork and exec: a run started by a large parent (a notebook, pytest late in the suite)
+    reported the parent's size as its peak_memory_mb."""
+    import subprocess
+    import sys
+
+    child = ("import resource; from sftune.training.report import peak_memory_mb; "
+             "print(peak_memory_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    big = bytearray(1_200_000_000)
+    big[::4096] = b"\x01" * len(big[::4096])  # touched: resident
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout.split()
+    del big
+    own, inherited = map(float, out)
+    assert inherited > 1100  # the trap is real here
+    assert own < inherited - 500

@@ -27,6 +27,21 @@ PROC_CGROUP = Path("/proc/self/cgroup")
 # ---------------------------------------------------------------- the cores this process may use
 
 
+def process_memory_kb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS now, VmHWM its peak), in KiB. The peak is
+    read there, not from `ru_maxrss`, which survives fork and exec: a process started by a large parent (a
+    notebook, a test runner) would report the parent's size as its own. Without /proc: ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+
+
 def affinity_cores() -> set[int]:
     """The CPUs this process may run on (its affinity mask: taskset, cpuset, a container's --cpuset-cpus)."""
     if hasattr(os, "sched_getaffinity"):

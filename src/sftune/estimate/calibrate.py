@@ -23,6 +23,7 @@ import torch
 
 from sftune.batching import BatchingPlan
 from sftune.config import SFTConfig
+from sftune.cpu import process_memory_kb
 from sftune.estimate.shapes import Batch, LongestBatch
 from sftune.precision import PrecisionPlan
 
@@ -51,7 +52,7 @@ class MemoryProbe:
     def current(self) -> float:
         if self.cuda:
             return float(torch.cuda.memory_allocated())
-        return _status_kb("VmRSS") * 1024.0
+        return process_memory_kb("VmRSS") * 1024.0
 
     def reset_peak(self) -> None:
         if self.cuda:
@@ -67,21 +68,12 @@ class MemoryProbe:
         if self.cuda:
             torch.cuda.synchronize()
             return float(torch.cuda.max_memory_allocated())
-        return _status_kb("VmHWM") * 1024.0
-
-
-def _status_kb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return float(line.split()[1])
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: the lifetime peak, in KiB on Linux
+        return process_memory_kb("VmHWM") * 1024.0
 
 
 def process_baseline_bytes() -> float:
     """The CPU process as it stands (Python, torch, tokenizer, prepared data): the floor of its peak RSS."""
-    return _status_kb("VmRSS") * 1024.0
+    return process_memory_kb("VmRSS") * 1024.0
 
 
 def half_batch(longest: LongestBatch) -> tuple[Batch, int]:

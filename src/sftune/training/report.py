@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import sys
 import time
 import warnings
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sftune.config import SFTConfig, without_secrets
+from sftune.cpu import process_memory_kb
 from sftune.errors import UserError
 
 METRICS_FILENAME = "metrics.jsonl"
@@ -41,10 +41,11 @@ def requested_trackers(config: SFTConfig) -> list[str]:
 
 
 def peak_memory_mb() -> float:
-    """Peak GPU memory allocated by torch on a GPU, else the process's peak resident memory."""
+    """Peak GPU memory allocated by torch on a GPU, else the process's peak resident memory (cpu.py says why not
+    ru_maxrss)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return process_memory_kb("VmHWM") / 1024
 
 
 class _TensorBoard:
