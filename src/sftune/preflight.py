@@ -32,28 +32,11 @@ def check_before_loading(config: SFTConfig, dataset_given: bool = False) -> Path
             and any(output_dir.iterdir()) and not unfinished_run(output_dir):
         raise UserError(f"resume_from_checkpoint: true, but output_dir '{output_dir}' holds no checkpoint")
     if resume_from is not None:
-        keep_run_precision(config, resume_from)  # before anything compares the settings with the checkpoint's
         check_same_run(config, resume_from)
     if os.environ.get("RANK", "0") == "0":  # under a data-parallel launch the first process checks the folder
         check_output_dir(config, resume_from)
     check_input_paths(config, dataset_given)
     return resume_from
-
-
-def keep_run_precision(config: SFTConfig, checkpoint: Path) -> None:
-    """A resumed run whose config leaves the precision unset (bf16, fp16, bf16_weights) continues in the one its
-    run chose for its machine, which the checkpoint's config holds resolved: a resume is the same run, also on
-    another machine (sftune/precision.py)."""
-    import yaml
-
-    if config.bf16 is not None or config.fp16 or config.bf16_weights is not None:
-        return
-    try:
-        saved = yaml.safe_load((checkpoint / CONFIG_FILENAME).read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return  # no readable config in the checkpoint: nothing to keep (reading it again reports the problem)
-    if isinstance(saved, dict) and isinstance(saved.get("bf16"), bool):
-        config.bf16, config.fp16 = saved["bf16"], saved.get("fp16") is True
 
 
 def unfinished_run(output_dir: Path) -> bool:

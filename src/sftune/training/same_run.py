@@ -43,6 +43,7 @@ def check_same_run(config: Any, checkpoint: Path) -> None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         raise UserError(f"checkpoint '{checkpoint}': its {CONFIG_FILENAME} cannot be read: resume from an earlier "
                         "checkpoint, or start a new run") from None
+    keep_run_precision(config, saved)  # before the comparison: an unset precision is the run's, not a change
     # the values as they would be saved now, so both sides went through the same YAML round trip
     now = yaml.safe_load(yaml.safe_dump(without_secrets(config.to_dict()), sort_keys=False, allow_unicode=True))
     differences = {key: (saved[key], now[key]) for key in saved.keys() & now.keys()
@@ -57,3 +58,13 @@ def check_same_run(config: Any, checkpoint: Path) -> None:
                         f"checkpoint's settings, or {way_out}")
     for key, (old, new) in sorted(differences.items()):
         log.warning("resuming with %s changed from %r to %r (resume_allow_changes)", key, old, new)
+
+
+def keep_run_precision(config: Any, saved: dict[str, Any]) -> None:
+    """A resumed run whose config leaves the precision unset (bf16, fp16, bf16_weights) continues in the one its
+    run chose for its machine, which the checkpoint's config holds resolved: a resume is the same run, also on
+    another machine (sftune/precision.py)."""
+    if config.bf16 is not None or config.fp16 or config.bf16_weights is not None:
+        return
+    if isinstance(saved, dict) and isinstance(saved.get("bf16"), bool):
+        config.bf16, config.fp16 = saved["bf16"], saved.get("fp16") is True
