@@ -22,17 +22,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 
-def small_model(folder: Path) -> Path:
-    from conftest import build_model, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(folder)
-    build_model(len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
-    return folder
-
-
 def sftune(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "sftune", *args], capture_output=True, text=True, env=env,
@@ -40,7 +29,7 @@ def sftune(*args: str) -> subprocess.CompletedProcess:
 
 
 def main() -> None:
-    from test_estimate import CALIBRATED, write_config
+    from test_estimate import CALIBRATED, build_small_model, write_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1)
@@ -50,7 +39,7 @@ def main() -> None:
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         os.environ["SFTUNE_DATA_CACHE"] = str(Path(scratch) / "cache")
-        model = small_model(Path(scratch) / "model")
+        model = build_small_model(Path(scratch) / "model")
         for repeat in range(args.repeats):
             for name, settings in CALIBRATED.items():
                 folder = Path(scratch) / f"{name}-{repeat}"

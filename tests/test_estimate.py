@@ -24,8 +24,11 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 @pytest.fixture(scope="session")
 def small_model_dir(tmp_path_factory) -> Path:
+    return build_small_model(tmp_path_factory.mktemp("small-llama"))
+
+
+def build_small_model(folder: Path) -> Path:
     """A 4-layer Llama of hidden 256: large enough that weights and activations are a visible part of the peak."""
-    folder = tmp_path_factory.mktemp("small-llama")
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(folder)
     build_model(len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
